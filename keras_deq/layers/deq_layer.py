@@ -1,0 +1,324 @@
+"""DEQLayer: the fixed point of a Keras layer, as a Keras layer."""
+
+import weakref
+
+import keras
+import tensorflow as tf
+
+from keras_deq import gradients
+from keras_deq import solvers
+from keras_deq.solvers import _loop
+from keras_deq.utils import validation
+from keras_deq.utils.state import StateFlattener
+
+# Eager calls run the forward solve through a per-layer `tf.function`, so an
+# active GradientTape records one op instead of every solver iteration. Kept
+# outside the layer so that SavedModel export does not try to save it.
+_EAGER_SOLVES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class DEQLayer(keras.layers.Layer):
+    """Returns the equilibrium z* = block(z*, x) of a Keras layer.
+
+    A deep equilibrium model replaces a stack of weight-tied layers by the
+    fixed point of one of them. The forward pass finds z* with a root solver
+    inside a `tf.while_loop`, each sample stopping on its own residual; the
+    backward pass differentiates through z* by the implicit function theorem
+    (or a phantom or unrolled approximation), so training memory does not grow
+    with the number of solver iterations.
+
+    The state can be a single tensor or a nest (list, tuple or dict) of
+    tensors of different shapes; the solver sees it flattened per sample. The
+    solver works in float32 (float64 when the block computes in float64),
+    also under a mixed-precision policy; the output comes back in the block's
+    compute dtype.
+
+    The layer tracks Keras metrics, shown by `fit` and kept in `History`:
+    `{name}_forward_nfe` and `{name}_forward_residual` (mean evaluations of
+    the block per sample and mean relative residual of the forward solve),
+    and with implicit gradients `{name}_backward_nfe` and
+    `{name}_backward_residual`.
+
+    Args:
+        block: a `keras.layers.Layer` whose `call(z, x, training=None)`
+            returns the next state, with the structure, shapes and dtype of
+            `z`. If it has a method `initial_state(x)`, that gives the first
+            iterate; otherwise the state is zeros shaped like `x`.
+        solver: forward solver, `"broyden"`, `"anderson"`, `"fixed_point"`
+            or a name registered with `keras_deq.solvers.register`. Defaults
+            to `"broyden"`.
+        max_iter: most block evaluations in the forward solve. Defaults to
+            `30`.
+        tol: forward stopping tolerance, per sample. Defaults to `1e-3`.
+        stop_mode: `"rel"` (‖f(z) − z‖ / ‖f(z)‖) or `"abs"` (‖f(z) − z‖).
+            Defaults to `"rel"`.
+        backward_solver: solver of the implicit backward's linear fixed
+            point. Defaults to `None` (the forward `solver`).
+        backward_max_iter: most vector-Jacobian products in the backward.
+            Defaults to `None` (`max_iter`).
+        backward_tol: backward tolerance on the residual relative to
+            ‖∂ℓ/∂z*‖, per sample. Defaults to `1e-4`.
+        gradient: `"implicit"` (implicit function theorem), `"phantom"`
+            (`phantom_steps` damped steps from z*, no linear solve) or
+            `"unrolled"` (`max_iter` plain iterations from the initial state,
+            backpropagated through; for pretraining and checks). Defaults to
+            `"implicit"`.
+        phantom_steps: steps of the phantom gradient. Defaults to `1`.
+        phantom_tau: damping τ of the phantom steps, in (0, 1]. Defaults to
+            `1.0`.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        x: the input injected into every evaluation of the block: a tensor
+            or a nest of tensors, with a leading batch dimension.
+        training: Python boolean, passed on to the block.
+
+    Output shape:
+        The state's structure and shapes: that of `block.initial_state(x)`,
+        or of `x`.
+
+    Example:
+
+    ```python
+    @keras.saving.register_keras_serializable()
+    class Cell(keras.layers.Layer):
+        def build(self, z_shape, x_shape):
+            self.dense = keras.layers.Dense(z_shape[-1], activation="tanh")
+            self.dense.build(z_shape)
+
+        def call(self, z, x, training=None):
+            return self.dense(z) + x
+
+    model = keras.Sequential([keras.Input((64,)), keras_deq.DEQLayer(Cell())])
+    ```
+
+    Reference:
+        Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+
+    def __init__(
+        self,
+        block: keras.layers.Layer,
+        *,
+        solver: str = "broyden",
+        max_iter: int = 30,
+        tol: float = 1e-3,
+        stop_mode: str = "rel",
+        backward_solver: str | None = None,
+        backward_max_iter: int | None = None,
+        backward_tol: float = 1e-4,
+        gradient: str = "implicit",
+        phantom_steps: int = 1,
+        phantom_tau: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(block, keras.layers.Layer):
+            raise TypeError(
+                "`block` must be a keras.layers.Layer whose call(z, x) returns "
+                f"the next state. Received: block={block!r} of type "
+                f"{type(block).__name__}"
+            )
+        validation.check_choice("solver", solver, solvers.names())
+        if backward_solver is not None:
+            validation.check_choice(
+                "backward_solver", backward_solver, solvers.names()
+            )
+        validation.check_int("max_iter", max_iter, 1)
+        validation.check_positive("tol", tol)
+        validation.check_choice("stop_mode", stop_mode, _loop.STOP_MODES)
+        if backward_max_iter is not None:
+            validation.check_int("backward_max_iter", backward_max_iter, 1)
+        validation.check_positive("backward_tol", backward_tol)
+        validation.check_choice("gradient", gradient, gradients.GRADIENTS)
+        validation.check_int("phantom_steps", phantom_steps, 1)
+        validation.check_range("phantom_tau", phantom_tau, 0, 1, low_open=True)
+
+        self.block = block
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.stop_mode = stop_mode
+        self.backward_solver = backward_solver
+        self.backward_max_iter = backward_max_iter
+        self.backward_tol = backward_tol
+        self.gradient = gradient
+        self.phantom_steps = phantom_steps
+        self.phantom_tau = phantom_tau
+
+        self.forward_nfe = keras.metrics.Mean(name=f"{self.name}_forward_nfe")
+        self.forward_residual = keras.metrics.Mean(
+            name=f"{self.name}_forward_residual"
+        )
+        if gradient == "implicit":
+            self.backward_nfe = keras.metrics.Mean(
+                name=f"{self.name}_backward_nfe"
+            )
+            self.backward_residual = keras.metrics.Mean(
+                name=f"{self.name}_backward_residual"
+            )
+        self._state_spec = None
+
+    def build(self, x_shape):
+        x_spec = keras.tree.map_shape_structure(
+            lambda shape: tf.TensorSpec(shape, self.compute_dtype), x_shape
+        )
+
+        # Tracing once builds the block (its variables are created outside
+        # the trace) and gives the structure and shapes of state and output.
+        @tf.function(autograph=False)
+        def probe(x):
+            z0 = self._initial_state(x)
+            return z0, self.block(z0, x, training=False)
+
+        z0, z1 = probe.get_concrete_function(x_spec).structured_outputs
+        self._check_block_output(z0, z1)
+        self._state_spec = tf.nest.map_structure(
+            lambda t: tf.TensorSpec(t.shape, t.dtype), z0
+        )
+        self.built = True
+
+    def _initial_state(self, x):
+        if hasattr(self.block, "initial_state"):
+            z0 = self.block.initial_state(x)
+        else:
+            z0 = tf.nest.map_structure(tf.zeros_like, x)
+        dtype = self.block.compute_dtype
+        return tf.nest.map_structure(lambda t: tf.cast(t, dtype), z0)
+
+    def _check_block_output(self, z0, z1):
+        try:
+            tf.nest.assert_same_structure(z0, z1)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "The block must return a state with the structure of its "
+                f"input state. State: {_describe(z0)}. Block output: "
+                f"{_describe(z1)}."
+            ) from None
+        for path, a, b in zip(
+            _paths(z0), tf.nest.flatten(z0), tf.nest.flatten(z1), strict=True
+        ):
+            if not a.shape[1:].is_compatible_with(b.shape[1:]):
+                where = f" at {path}" if path else ""
+                raise ValueError(
+                    f"The block must return a state with the shape of its "
+                    f"input state{where}. State shape: {a.shape}, block "
+                    f"output shape: {b.shape}."
+                )
+
+    @property
+    def _solver_dtype(self):
+        if self.block.compute_dtype == "float64":
+            return tf.float64
+        return tf.float32
+
+    def _flat_block(self, x, z0, training):
+        flattener = StateFlattener(z0, self._solver_dtype)
+
+        def f(z):
+            out = self.block(flattener.unflatten(z), x, training=training)
+            return flattener.flatten(out)
+
+        return f, flattener
+
+    def _forward_solve(self, x, training):
+        z0 = self._initial_state(x)
+        f, flattener = self._flat_block(x, z0, training)
+        solve = solvers.get(self.solver)
+        result = solve(f, flattener.flatten(z0), self.max_iter, self.tol, self.stop_mode)
+        return tf.nest.map_structure(tf.stop_gradient, result)
+
+    def call(self, x, training=None):
+        z0 = self._initial_state(x)
+        f, flattener = self._flat_block(x, z0, training)
+        if self.gradient == "unrolled":
+            z, z_prev = gradients.unrolled(
+                f, flattener.flatten(z0), self.max_iter
+            )
+            _, rel_res = _loop.residuals(z_prev, z)
+            nstep = tf.fill(tf.shape(rel_res), self.max_iter)
+        else:
+            if tf.executing_eagerly():
+                result = self._eager_solve(x, bool(training))
+            else:
+                result = self._forward_solve(x, training)
+            z_star, nstep, rel_res = result.z, result.nstep, result.rel_residual
+            if self.gradient == "implicit":
+                z = gradients.implicit(
+                    f,
+                    z_star,
+                    solvers.get(self.backward_solver or self.solver),
+                    self.backward_max_iter or self.max_iter,
+                    self.backward_tol,
+                    # Backward statistics describe training; outside it the
+                    # gradient function must capture no metric variables,
+                    # since a SavedModel serializes it with the forward.
+                    on_backward=self._record_backward if training else None,
+                )
+            else:
+                z = gradients.phantom(
+                    f, z_star, self.phantom_steps, self.phantom_tau
+                )
+        self.forward_nfe.update_state(tf.cast(nstep, tf.float32))
+        self.forward_residual.update_state(tf.cast(rel_res, tf.float32))
+        return flattener.unflatten(z)
+
+    def _eager_solve(self, x, training):
+        fn = _EAGER_SOLVES.get(self)
+        if fn is None:
+            fn = tf.function(self._forward_solve, reduce_retracing=True)
+            _EAGER_SOLVES[self] = fn
+        return fn(x, training)
+
+    def _record_backward(self, result):
+        self.backward_nfe.update_state(tf.cast(result.nstep, tf.float32))
+        self.backward_residual.update_state(
+            tf.cast(result.rel_residual, tf.float32)
+        )
+
+    def compute_output_spec(self, x, training=None):
+        batch = tf.nest.flatten(x)[0].shape[0]
+        return tf.nest.map_structure(
+            lambda spec: keras.KerasTensor(
+                (batch,) + tuple(spec.shape[1:]), dtype=spec.dtype
+            ),
+            self._state_spec,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "block": keras.saving.serialize_keras_object(self.block),
+                "solver": self.solver,
+                "max_iter": self.max_iter,
+                "tol": self.tol,
+                "stop_mode": self.stop_mode,
+                "backward_solver": self.backward_solver,
+                "backward_max_iter": self.backward_max_iter,
+                "backward_tol": self.backward_tol,
+                "gradient": self.gradient,
+                "phantom_steps": self.phantom_steps,
+                "phantom_tau": self.phantom_tau,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        block = keras.saving.deserialize_keras_object(
+            config.pop("block"), custom_objects=custom_objects
+        )
+        return cls(block, **config)
+
+
+def _paths(nest):
+    return ["/".join(map(str, p)) for p, _ in keras.tree.flatten_with_path(nest)]
+
+
+def _describe(nest):
+    return str(
+        tf.nest.map_structure(lambda t: f"<{t.shape.as_list()}>", nest)
+    )

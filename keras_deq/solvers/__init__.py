@@ -1,0 +1,74 @@
+"""Fixed-point solvers on `[B, d]` states, each in a `tf.while_loop`.
+
+Every solver has the signature `solver(f, z0, max_iter, tol, stop_mode="rel",
+**options)` and returns a `SolverResult` with per-sample statistics. `get`
+looks one up by name; `register` adds a new one.
+"""
+
+from collections.abc import Callable
+
+from keras_deq.solvers._loop import SolverResult
+from keras_deq.solvers.anderson import anderson
+from keras_deq.solvers.broyden import broyden
+from keras_deq.solvers.fixed_point import fixed_point
+
+_REGISTRY: dict[str, Callable[..., SolverResult]] = {
+    "broyden": broyden,
+    "anderson": anderson,
+    "fixed_point": fixed_point,
+}
+
+
+def get(name: str) -> Callable[..., SolverResult]:
+    """Returns the solver registered under `name`.
+
+    Args:
+        name: `"broyden"`, `"anderson"`, `"fixed_point"` or a name given to
+            `register`.
+
+    Returns:
+        The solver function.
+
+    Example:
+
+    >>> get("anderson").__name__
+    'anderson'
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"Unknown solver. Expected one of {sorted(_REGISTRY)}. "
+            f"Received: solver={name!r}"
+        )
+    return _REGISTRY[name]
+
+
+def register(name: str, solver: Callable[..., SolverResult]) -> None:
+    """Makes `solver` available to `get` and `DEQLayer` under `name`.
+
+    Args:
+        name: the new name; it must not be taken already.
+        solver: a function `(f, z0, max_iter, tol, stop_mode) -> SolverResult`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`name` must be a non-empty string. Received: {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"A solver is already registered as {name!r}.")
+    if not callable(solver):
+        raise TypeError(f"`solver` must be callable. Received: {solver!r}")
+    _REGISTRY[name] = solver
+
+
+def names() -> list[str]:
+    """The registered solver names."""
+    return sorted(_REGISTRY)
+
+
+__all__ = [
+    "SolverResult",
+    "anderson",
+    "broyden",
+    "fixed_point",
+    "get",
+    "names",
+    "register",
+]

@@ -1,0 +1,137 @@
+"""The iteration every solver shares: residuals, stopping and best iterate.
+
+A solver only says how to propose the next iterate from the current one;
+everything a user relies on -- per-sample stopping, frozen converged samples,
+the lowest-residual iterate, robustness to non-finite values -- lives here
+once, so the three solvers cannot drift apart on it.
+"""
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from keras_deq.utils import validation
+
+STOP_MODES = ("rel", "abs")
+
+# Keeps the relative residual finite when f(z) is exactly zero.
+_NORM_EPS = 1e-12
+
+
+class SolverResult(NamedTuple):
+    """What a solver returns; every field is per sample.
+
+    Attributes:
+        z: `[B, d]`, each sample's lowest-residual iterate.
+        nstep: `[B]` int32, evaluations of f the sample used (including the
+            one at `z0`) until it converged, or `max_iter`.
+        abs_residual: `[B]`, ‖f(z) − z‖ of the returned `z`.
+        rel_residual: `[B]`, ‖f(z) − z‖ / ‖f(z)‖ of the returned `z`.
+    """
+
+    z: tf.Tensor
+    nstep: tf.Tensor
+    abs_residual: tf.Tensor
+    rel_residual: tf.Tensor
+
+
+def check_solver_args(max_iter: int, tol: float, stop_mode: str) -> None:
+    """Raises for settings no solver can honour."""
+    validation.check_int("max_iter", max_iter, 1)
+    validation.check_positive("tol", tol)
+    validation.check_choice("stop_mode", stop_mode, STOP_MODES)
+
+
+def residuals(z: tf.Tensor, fz: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-sample ‖f(z) − z‖ and ‖f(z) − z‖ / ‖f(z)‖ of `[B, d]` tensors."""
+    abs_res = tf.norm(fz - z, axis=-1)
+    rel_res = abs_res / (tf.norm(fz, axis=-1) + _NORM_EPS)
+    return abs_res, rel_res
+
+
+def iterate(
+    f: Callable[[tf.Tensor], tf.Tensor],
+    z0: tf.Tensor,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    init: Callable[[tf.Tensor, tf.Tensor], Any],
+    propose: Callable[[tf.Tensor, tf.Tensor, Any, tf.Tensor], tuple],
+) -> SolverResult:
+    """Runs a solver in a `tf.while_loop` with per-sample stopping.
+
+    Args:
+        f: maps `[B, d]` to `[B, d]`.
+        z0: `[B, d]` initial iterate.
+        max_iter: the most evaluations of f, counting the one at `z0`.
+        tol: a sample stops once its residual (per `stop_mode`) is below it.
+        stop_mode: `"rel"` or `"abs"`.
+        init: `(z0, f(z0)) -> state`, the solver's own loop state (a nest of
+            tensors whose shapes do not change across iterations).
+        propose: `(z, f(z), state, active) -> (z_next, state)`. `active` is
+            the `[B]` mask of samples still iterating; the driver freezes the
+            others whatever is proposed for them, so `propose` only has to
+            keep its own state finite for them.
+
+    Returns:
+        A `SolverResult`.
+    """
+    check_solver_args(max_iter, tol, stop_mode)
+    z0 = tf.convert_to_tensor(z0)
+    tol = tf.constant(tol, z0.dtype)
+
+    def criterion(abs_res, rel_res):
+        return rel_res if stop_mode == "rel" else abs_res
+
+    fz0 = f(z0)
+    abs0, rel0 = residuals(z0, fz0)
+    crit0 = criterion(abs0, rel0)
+    finite0 = tf.math.is_finite(crit0)
+    inf = tf.constant(float("inf"), z0.dtype)
+    # The best iterate starts as z0 so that every sample always has one, even
+    # if f(z0) is not finite; its residual then reads as +inf.
+    best = (
+        z0,
+        tf.where(finite0, abs0, inf),
+        tf.where(finite0, rel0, inf),
+        tf.where(finite0, crit0, inf),
+    )
+    active = finite0 & (crit0 >= tol)
+    nstep = tf.ones_like(crit0, dtype=tf.int32)
+    state = init(z0, fz0)
+
+    def cond(k, z, fz, state, best, active, nstep):
+        return (k < max_iter) & tf.reduce_any(active)
+
+    def body(k, z, fz, state, best, active, nstep):
+        z_prop, state = propose(z, fz, state, active)
+        z_new = tf.where(active[:, None], z_prop, z)
+        fz_new = f(z_new)
+        abs_res, rel_res = residuals(z_new, fz_new)
+        crit = criterion(abs_res, rel_res)
+        finite = tf.math.is_finite(crit)
+        best_z, best_abs, best_rel, best_crit = best
+        better = active & finite & (crit < best_crit)
+        best = (
+            tf.where(better[:, None], z_new, best_z),
+            tf.where(better, abs_res, best_abs),
+            tf.where(better, rel_res, best_rel),
+            tf.where(better, crit, best_crit),
+        )
+        nstep += tf.cast(active, tf.int32)
+        # A sample whose residual went non-finite stops here and is put back
+        # on its best iterate, so f never sees the bad values again.
+        z_new = tf.where(finite[:, None], z_new, best[0])
+        fz_new = tf.where(finite[:, None], fz_new, best[0])
+        active = active & finite & (crit >= tol)
+        return k + 1, z_new, fz_new, state, best, active, nstep
+
+    loop_vars = (tf.constant(1), z0, fz0, state, best, active, nstep)
+    _, _, _, _, best, _, nstep = tf.while_loop(
+        cond, body, loop_vars, maximum_iterations=max_iter - 1
+    )
+    return SolverResult(
+        z=best[0], nstep=nstep, abs_residual=best[1], rel_residual=best[2]
+    )
