@@ -164,19 +164,25 @@ class DEQLayer(keras.layers.Layer):
         x_spec = keras.tree.map_shape_structure(
             lambda shape: tf.TensorSpec(shape, self.compute_dtype), x_shape
         )
-
-        # Tracing once builds the block (its variables are created outside
-        # the trace) and gives the structure and shapes of state and output.
-        @tf.function(autograph=False)
-        def probe(x):
-            z0 = self._initial_state(x)
-            return z0, self.block(z0, x, training=False)
-
-        z0, z1 = probe.get_concrete_function(x_spec).structured_outputs
-        self._check_block_output(z0, z1)
+        # The state's structure and shapes, from a trace of `initial_state`
+        # (which may use TensorFlow ops, so it cannot take KerasTensors).
+        z0 = (
+            tf.function(self._initial_state, autograph=False)
+            .get_concrete_function(x_spec)
+            .structured_outputs
+        )
         self._state_spec = tf.nest.map_structure(
             lambda t: tf.TensorSpec(t.shape, t.dtype), z0
         )
+        # A symbolic call builds the block the way Keras builds any layer
+        # (also under a distribution strategy) and gives its output shapes,
+        # which are checked even when the block came built.
+        z1 = self.block(
+            _keras_tensors(self._state_spec),
+            _keras_tensors(x_spec),
+            training=False,
+        )
+        self._check_block_output(self._state_spec, z1)
         self.built = True
 
     def _initial_state(self, x):
@@ -199,12 +205,13 @@ class DEQLayer(keras.layers.Layer):
         for path, a, b in zip(
             _paths(z0), tf.nest.flatten(z0), tf.nest.flatten(z1), strict=True
         ):
-            if not a.shape[1:].is_compatible_with(b.shape[1:]):
+            a_shape, b_shape = tf.TensorShape(a.shape), tf.TensorShape(b.shape)
+            if not a_shape[1:].is_compatible_with(b_shape[1:]):
                 where = f" at {path}" if path else ""
                 raise ValueError(
                     f"The block must return a state with the shape of its "
-                    f"input state{where}. State shape: {a.shape}, block "
-                    f"output shape: {b.shape}."
+                    f"input state{where}. State shape: {_shape(a)}, block "
+                    f"output shape: {_shape(b)}."
                 )
 
     @property
@@ -314,11 +321,19 @@ class DEQLayer(keras.layers.Layer):
         return cls(block, **config)
 
 
+def _keras_tensors(specs):
+    return tf.nest.map_structure(
+        lambda spec: keras.KerasTensor(spec.shape, dtype=spec.dtype), specs
+    )
+
+
 def _paths(nest):
     return ["/".join(map(str, p)) for p, _ in keras.tree.flatten_with_path(nest)]
 
 
+def _shape(tensor):
+    return tuple(tf.TensorShape(tensor.shape).as_list())
+
+
 def _describe(nest):
-    return str(
-        tf.nest.map_structure(lambda t: f"<{t.shape.as_list()}>", nest)
-    )
+    return str(tf.nest.map_structure(lambda t: f"<{list(_shape(t))}>", nest))

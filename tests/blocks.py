@@ -1,0 +1,86 @@
+"""Small DEQ blocks with known behaviour, shared by the tests."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def contraction(rng, n, norm):
+    """An n×n matrix with spectral norm `norm`."""
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    s = np.linspace(norm, norm / 3, n)
+    q2, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (q * s) @ q2
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class TanhCell(keras.layers.Layer):
+    """f(z, x) = tanh(z W + x U + b): a contraction when ‖W‖ < 1."""
+
+    def __init__(self, units=6, w_norm=0.6, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.w_norm = w_norm
+        self.seed = seed
+
+    def build(self, z_shape, x_shape):
+        rng = np.random.default_rng(self.seed)
+        w = contraction(rng, self.units, self.w_norm)
+        u = rng.normal(size=(x_shape[-1], self.units)) / np.sqrt(x_shape[-1])
+        self.w = self.add_weight(
+            shape=w.shape, initializer=keras.initializers.Constant(w), name="w"
+        )
+        self.u = self.add_weight(
+            shape=u.shape, initializer=keras.initializers.Constant(u), name="u"
+        )
+        self.b = self.add_weight(
+            shape=(self.units,), initializer="random_normal", name="b"
+        )
+
+    def initial_state(self, x):
+        return tf.zeros([tf.shape(x)[0], self.units], x.dtype)
+
+    def call(self, z, x, training=None):
+        return tf.tanh(z @ self.w + x @ self.u + self.b)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, w_norm=self.w_norm, seed=self.seed)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class TwoResolutionCell(keras.layers.Layer):
+    """A two-part state: a [4, 3] "fine" map and a [5] "coarse" vector.
+
+    fine'   = tanh(fine A + reshape(coarse C) + x P)
+    coarse' = tanh(flatten(fine) D + coarse E + x Q)
+    with small weights, so the joint map is a contraction.
+    """
+
+    def build(self, z_shape, x_shape):
+        init = keras.initializers.RandomNormal(stddev=0.15, seed=3)
+        n = x_shape[-1]
+        self.a = self.add_weight(shape=(3, 3), initializer=init, name="a")
+        self.c = self.add_weight(shape=(5, 12), initializer=init, name="c")
+        self.p = self.add_weight(shape=(n, 12), initializer=init, name="p")
+        self.d = self.add_weight(shape=(12, 5), initializer=init, name="d")
+        self.e = self.add_weight(shape=(5, 5), initializer=init, name="e")
+        self.q = self.add_weight(shape=(n, 5), initializer=init, name="q")
+
+    def initial_state(self, x):
+        batch = tf.shape(x)[0]
+        return [tf.zeros([batch, 4, 3], x.dtype), tf.zeros([batch, 5], x.dtype)]
+
+    def call(self, z, x, training=None):
+        fine, coarse = z
+        batch = tf.shape(x)[0]
+        fine_new = tf.tanh(
+            fine @ self.a
+            + tf.reshape(coarse @ self.c, [batch, 4, 3])
+            + tf.reshape(x @ self.p, [batch, 4, 3])
+        )
+        coarse_new = tf.tanh(
+            tf.reshape(fine, [batch, 12]) @ self.d + coarse @ self.e + x @ self.q
+        )
+        return [fine_new, coarse_new]

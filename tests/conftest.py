@@ -1,0 +1,43 @@
+"""Test setup: quiet TensorFlow, two logical CPUs, opt-in slow tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# MirroredStrategy tests need two devices; they must exist before TensorFlow
+# initialises its runtime, so the split happens at import, before any test.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-large",
+        action="store_true",
+        help="also run tests marked @pytest.mark.large",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-large"):
+        return
+    skip = pytest.mark.skip(reason="large test: pass --run-large to run it")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    import keras
+
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+    keras.mixed_precision.set_global_policy("float32")

@@ -1,0 +1,290 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_deq
+from tests.blocks import TanhCell
+from tests.blocks import TwoResolutionCell
+
+
+def data(n=32, features=4, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 1).astype("int32")
+    return x, y % classes
+
+
+def classifier(**layer_kwargs):
+    model = keras.Sequential([keras.Input((4,))])
+    model.add(keras_deq.DEQLayer(TanhCell(units=8), name="deq", **layer_kwargs))
+    model.add(keras.layers.Dense(3, name="head"))
+    return model
+
+
+def compile_model(model, **kwargs):
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **kwargs,
+    )
+    return model
+
+
+def one_step_weights(model, x, y, **compile_kwargs):
+    compile_model(model, **compile_kwargs)
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+    return [w.numpy() for w in model.weights]
+
+
+def _without_build_shapes(config):
+    if isinstance(config, dict):
+        return {
+            k: _without_build_shapes(v)
+            for k, v in config.items()
+            if k != "build_config"
+        }
+    return config
+
+
+def test_layer_contract():
+    """Config round trip, symbolic and eager call, losses, jit fit step."""
+    layer = keras_deq.DEQLayer(TanhCell(units=5), solver="anderson", tol=1e-5)
+    x, y = data()
+    symbolic = layer(keras.Input((4,)))
+    assert symbolic.shape == (None, 5)
+    eager = layer(x)
+    assert eager.shape == (32, 5)
+    assert len(layer.losses) == 0
+
+    config = json.loads(json.dumps(layer.get_config()))
+    clone = keras_deq.DEQLayer.from_config(config)
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    assert _without_build_shapes(clone.get_config()) == _without_build_shapes(
+        layer.get_config()
+    )
+    np.testing.assert_allclose(clone(x).numpy(), eager.numpy(), atol=1e-6)
+
+    # The output is a fixed point of the block to the requested tolerance.
+    fz = layer.block(eager, x).numpy()
+    rel = np.linalg.norm(fz - eager, axis=-1) / np.linalg.norm(fz, axis=-1)
+    assert rel.max() < 1e-5
+
+
+@pytest.mark.parametrize("gradient", ["implicit", "phantom", "unrolled"])
+def test_jit_compiled_fit_step_matches_graph_step(gradient):
+    x, y = data()
+    keras.utils.set_random_seed(1)
+    graph = one_step_weights(classifier(gradient=gradient), x, y)
+    keras.utils.set_random_seed(1)
+    jit = one_step_weights(classifier(gradient=gradient), x, y, jit_compile=True)
+    for a, b in zip(graph, jit, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sequential_fit_learns_and_reports_metrics():
+    x, y = data(n=256)
+    model = compile_model(classifier(max_iter=20), metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=32, epochs=8, verbose=0)
+    logs = history.history
+    for key in (
+        "deq_forward_nfe",
+        "deq_forward_residual",
+        "deq_backward_nfe",
+        "deq_backward_residual",
+    ):
+        assert key in logs, sorted(logs)
+    assert 1 <= logs["deq_forward_nfe"][-1] <= 20
+    assert logs["deq_forward_residual"][-1] < 1e-3
+    assert logs["deq_backward_residual"][-1] < 1e-4
+    assert logs["accuracy"][-1] > 0.85
+    assert logs["loss"][-1] < logs["loss"][0]
+
+
+def test_functional_and_subclassed_models_agree():
+    x, _ = data()
+    block = TanhCell(units=8)
+    inputs = keras.Input((4,))
+    functional = keras.Model(inputs, keras_deq.DEQLayer(block)(inputs))
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.deq = keras_deq.DEQLayer(block)
+
+        def call(self, inputs):
+            return self.deq(inputs)
+
+    subclassed = Subclassed()
+    np.testing.assert_allclose(
+        functional.predict(x, verbose=0), subclassed.predict(x, verbose=0),
+        atol=1e-6,
+    )
+
+
+def test_dynamic_batch_size():
+    layer = keras_deq.DEQLayer(TanhCell(units=5))
+    x, _ = data(n=7)
+    layer.build(x.shape)
+    call = tf.function(
+        layer, input_signature=[tf.TensorSpec([None, 4], tf.float32)]
+    )
+    out_7 = call(x).numpy()
+    out_3 = call(x[:3]).numpy()
+    np.testing.assert_allclose(out_3, out_7[:3], atol=1e-5)
+    assert call.experimental_get_tracing_count() == 1
+
+
+def test_nested_state_in_a_model():
+    inputs = keras.Input((3,))
+    fine, coarse = keras_deq.DEQLayer(TwoResolutionCell())(inputs)
+    assert fine.shape == (None, 4, 3) and coarse.shape == (None, 5)
+    merged = keras.layers.Concatenate()([keras.layers.Flatten()(fine), coarse])
+    model = compile_model(keras.Model(inputs, keras.layers.Dense(3)(merged)))
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    y = np.arange(16) % 3
+    history = model.fit(x, y, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_keras_file_round_trip(tmp_path):
+    x, y = data()
+    model = compile_model(classifier(solver="anderson", max_iter=17))
+    model.fit(x, y, epochs=1, verbose=0)
+    path = tmp_path / "deq.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # safe_mode=True by default
+    deq = loaded.get_layer("deq")
+    assert (deq.solver, deq.max_iter) == ("anderson", 17)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_saved_model_export_serves_the_same_outputs(tmp_path):
+    x, _ = data()
+    model = classifier()
+    expected = model.predict(x, verbose=0)
+    model.export(tmp_path / "served", verbose=False)
+    # Loaded with TensorFlow alone: no keras_deq code is needed to serve.
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.serve(x).numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(served.serve(x[:5]).numpy(), expected[:5], atol=1e-5)
+
+
+def test_mixed_precision_solves_in_float32_and_returns_float16():
+    x, _ = data()
+    reference = keras_deq.DEQLayer(TanhCell(units=8), tol=1e-4)
+    expected = reference(x).numpy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    layer = keras_deq.DEQLayer(TanhCell(units=8), tol=1e-4)
+    layer.build(x.shape)
+    layer.set_weights(reference.get_weights())
+    out = layer(x)
+    assert out.dtype == tf.float16
+    np.testing.assert_allclose(out.numpy().astype("float32"), expected, atol=1e-2)
+    # The solve itself ran in float32: a float16 state could not reach 1e-4.
+    assert layer.forward_residual.result().numpy() < 1e-4
+
+    model = keras.Sequential([keras.Input((4,)), layer, keras.layers.Dense(3)])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    _, y = data()
+    history = model.fit(x, y, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["deq_layer_1_backward_residual"][-1] < 1e-4
+
+
+def test_mirrored_strategy_matches_single_device():
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "conftest splits the CPU into two devices"
+    x, y = data(n=16)
+    keras.utils.set_random_seed(3)
+    single = one_step_weights(classifier(), x, y)
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    keras.utils.set_random_seed(3)
+    with strategy.scope():
+        model = classifier()
+        mirrored = one_step_weights(model, x, y)
+    assert strategy.num_replicas_in_sync == 2
+    for a, b in zip(single, mirrored, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Both replicas reported their statistics.
+    assert model.get_layer("deq").backward_nfe.count.numpy() == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        ({"solver": "newton"}, ValueError, r"`solver`.*'broyden'.*solver='newton'"),
+        (
+            {"backward_solver": "lbfgs"},
+            ValueError,
+            r"`backward_solver`.*backward_solver='lbfgs'",
+        ),
+        ({"stop_mode": "max"}, ValueError, r"`stop_mode`.*stop_mode='max'"),
+        ({"gradient": "exact"}, ValueError, r"`gradient`.*'implicit'.*'exact'"),
+        ({"max_iter": 0}, ValueError, r"`max_iter`.*>= 1.*max_iter=0"),
+        ({"max_iter": 3.0}, TypeError, r"`max_iter`.*max_iter=3.0"),
+        ({"backward_max_iter": -2}, ValueError, r"backward_max_iter=-2"),
+        ({"tol": 0}, ValueError, r"`tol`.*> 0.*tol=0"),
+        ({"backward_tol": -1e-4}, ValueError, r"backward_tol=-0.0001"),
+        ({"phantom_steps": 0}, ValueError, r"phantom_steps=0"),
+        ({"phantom_tau": 1.5}, ValueError, r"`phantom_tau`.*\(0, 1\].*1.5"),
+        ({"stopmode": "abs"}, ValueError, r"stopmode"),
+    ],
+)
+def test_bad_configuration_raises(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        keras_deq.DEQLayer(TanhCell(), **kwargs)
+
+
+def test_block_must_be_a_layer():
+    with pytest.raises(TypeError, match=r"`block` must be a keras.layers.Layer"):
+        keras_deq.DEQLayer(lambda z, x: z)
+
+
+class WrongShapeCell(keras.layers.Layer):
+    def call(self, z, x, training=None):
+        return tf.concat([z, z], axis=-1)
+
+
+class WrongStructureCell(keras.layers.Layer):
+    def call(self, z, x, training=None):
+        return [z, z]
+
+
+def test_block_output_shape_must_match_state():
+    layer = keras_deq.DEQLayer(WrongShapeCell())
+    with pytest.raises(ValueError, match=r"State shape: \(None, 4\).*\(None, 8\)"):
+        layer(keras.Input((4,)))
+
+
+def test_block_output_structure_must_match_state():
+    layer = keras_deq.DEQLayer(WrongStructureCell())
+    with pytest.raises(ValueError, match=r"structure of its input state"):
+        layer(np.zeros((2, 4), "float32"))
+
+
+def test_import_under_another_backend_says_what_to_do():
+    import subprocess
+    import sys
+
+    # Pretend Keras chose another backend (installing one is not needed to
+    # check the message keras_deq gives).
+    code = (
+        "import keras; keras.backend.backend = lambda: 'jax'; import keras_deq"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "KERAS_BACKEND=tensorflow" in result.stderr

@@ -1,0 +1,219 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_deq import solvers
+from tests.blocks import contraction
+
+ALL = ["broyden", "anderson", "fixed_point"]
+
+
+def linear_problem(rho, d=8, batch=3, seed=0):
+    """z = z Aᵀ + b per sample, with ρ(A) = rho, and its exact solution."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(d, d))
+    a *= rho / np.max(np.abs(np.linalg.eigvals(a)))
+    b = rng.normal(size=(batch, d))
+    exact = np.linalg.solve(np.eye(d) - a, b.T).T
+
+    def f(z):
+        return tf.matmul(z, a, transpose_b=True) + b
+
+    return f, b, exact
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("jit", [False, True])
+def test_linear_fixed_point_matches_closed_form(name, jit):
+    f, b, exact = linear_problem(rho=0.7)
+    solve = tf.function(
+        lambda z0: solvers.get(name)(f, z0, 200, 1e-10), jit_compile=jit
+    )
+    result = solve(tf.zeros_like(b))
+    np.testing.assert_allclose(result.z.numpy(), exact, atol=1e-5)
+    assert np.all(result.rel_residual.numpy() < 1e-10)
+    assert np.all(result.nstep.numpy() <= 200)
+
+
+def test_broyden_solves_where_plain_iteration_diverges():
+    f, b, exact = linear_problem(rho=1.5)
+    z0 = tf.zeros_like(b)
+    result = solvers.broyden(f, z0, 40, 1e-10)
+    np.testing.assert_allclose(result.z.numpy(), exact, atol=1e-5)
+    plain = solvers.fixed_point(f, z0, 40, 1e-10)
+    assert np.all(plain.rel_residual.numpy() > 1e-2)
+
+
+def test_result_fields_and_residuals_are_of_the_returned_z():
+    f, b, _ = linear_problem(rho=0.9)
+    for name in ALL:
+        result = solvers.get(name)(f, tf.zeros_like(b), 5, 1e-12)
+        fz = f(result.z).numpy()
+        abs_res = np.linalg.norm(fz - result.z.numpy(), axis=-1)
+        np.testing.assert_allclose(result.abs_residual, abs_res, rtol=1e-6)
+        np.testing.assert_allclose(
+            result.rel_residual,
+            abs_res / np.linalg.norm(fz, axis=-1),
+            rtol=1e-6,
+        )
+        assert result.nstep.dtype == tf.int32
+        assert result.nstep.shape == (3,)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_abs_stop_mode_stops_on_absolute_residual(name):
+    f, b, _ = linear_problem(rho=0.5)
+    result = solvers.get(name)(f, tf.zeros_like(b) * 1e3, 100, 1e-3, "abs")
+    assert np.all(result.abs_residual.numpy() < 1e-3)
+    # Stopping was on the absolute residual: the relative one is smaller
+    # but not pushed to its own tolerance by extra iterations.
+    assert np.all(result.nstep.numpy() < 100)
+
+
+def tanh_batch(scales, d=16, seed=1):
+    rng = np.random.default_rng(seed)
+    w = contraction(rng, d, 0.95).astype(np.float32)
+    x = (rng.normal(size=(len(scales), d)) * np.array(scales)[:, None]).astype(
+        np.float32
+    )
+
+    def f(z):
+        return tf.tanh(z @ w + x_var)
+
+    x_var = tf.Variable(x)
+    return f, x, x_var
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sample_result_does_not_depend_on_its_batch(name):
+    scales = [0.01, 0.3, 1.0, 3.0, 10.0, 0.05, 30.0, 0.5]
+    f, x, x_var = tanh_batch(scales)
+    solve = solvers.get(name)
+    batch = solve(f, tf.zeros_like(x), 60, 1e-3)
+    steps = batch.nstep.numpy()
+    # The batch mixes fast and slow samples, so a batch-global stopping rule
+    # would keep iterating the fast ones and change their results.
+    assert steps.min() < steps.max()
+    for i in range(len(scales)):
+        x_var.assign(np.repeat(x[i : i + 1], len(scales), 0))
+        alone = solve(f, tf.zeros_like(x), 60, 1e-3)
+        np.testing.assert_allclose(
+            alone.z.numpy()[0], batch.z.numpy()[i], atol=1e-5
+        )
+        assert alone.nstep.numpy()[0] == steps[i]
+    x_var.assign(x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_sample_does_not_poison_the_batch(name):
+    scales = [1.0, 1.0, 1.0, 1.0]
+    f, x, x_var = tanh_batch(scales)
+    clean = solvers.get(name)(f, tf.zeros_like(x), 40, 1e-4)
+    bad = x.copy()
+    bad[1, 3] = np.nan
+    x_var.assign(bad)
+    result = solvers.get(name)(f, tf.zeros_like(x), 40, 1e-4)
+    keep = [0, 2, 3]
+    np.testing.assert_allclose(
+        result.z.numpy()[keep], clean.z.numpy()[keep], atol=1e-6
+    )
+    # The bad sample ends at once on its (finite) initial iterate, its
+    # residual reported as infinite.
+    assert np.all(np.isfinite(result.z.numpy()[1]))
+    assert np.isinf(result.rel_residual.numpy()[1])
+    assert result.nstep.numpy()[1] == 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_divergence_ends_at_max_iter_with_lowest_residual_iterate(name):
+    rng = np.random.default_rng(4)
+    b = rng.normal(size=(2, 4))
+
+    def f(z):
+        # Grows without bound from any start; later iterates overflow.
+        return 1e3 * z**3 + b
+
+    result = solvers.get(name)(f, tf.zeros_like(b), 25, 1e-6)
+    assert np.all(result.nstep.numpy() <= 25)
+    z = result.z.numpy()
+    assert np.all(np.isfinite(z))
+    # z0 = 0 has relative residual ‖b‖/‖b‖ = 1; what is returned is no worse
+    # (the best iterate is chosen on the stopping criterion).
+    assert np.all(result.rel_residual.numpy() <= 1.0)
+    abs_only = solvers.get(name)(f, tf.zeros_like(b), 25, 1e-6, "abs")
+    np.testing.assert_array_less(
+        abs_only.abs_residual.numpy(), np.linalg.norm(b, axis=-1) + 1e-9
+    )
+
+
+def test_loop_stops_as_soon_as_every_sample_converged():
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return 0.5 * z + 1.0
+
+    # Eagerly each evaluation of f is a Python call, so they can be counted.
+    result = solvers.fixed_point(f, tf.zeros([2, 3]), 100, 1e-3)
+    assert len(calls) == int(result.nstep.numpy().max()) < 100
+
+
+def test_anderson_survives_a_singular_history():
+    # f is constant: every residual after the first is identical, so the
+    # Gram matrix of residual differences is singular.
+    b = tf.constant([[1.0, 2.0, 3.0]])
+    result = solvers.anderson(lambda z: tf.zeros_like(z) + b, b * 0, 20, 1e-6)
+    np.testing.assert_allclose(result.z.numpy(), b.numpy(), atol=1e-6)
+
+
+def test_get_and_register():
+    assert solvers.get("broyden") is solvers.broyden
+    with pytest.raises(ValueError, match=r"solver='newton'"):
+        solvers.get("newton")
+    with pytest.raises(ValueError, match="already registered"):
+        solvers.register("broyden", solvers.broyden)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        ({"max_iter": 0}, ValueError, r"max_iter.*>= 1.*max_iter=0"),
+        ({"max_iter": 2.5}, TypeError, r"max_iter=2.5"),
+        ({"tol": 0.0}, ValueError, r"tol.*> 0.*tol=0.0"),
+        ({"tol": -1e-3}, ValueError, r"tol=-0.001"),
+        ({"stop_mode": "max"}, ValueError, r"stop_mode.*'rel'.*'max'"),
+    ],
+)
+@pytest.mark.parametrize("name", ALL)
+def test_bad_arguments_raise(name, kwargs, error, pattern):
+    args = {"max_iter": 10, "tol": 1e-3, **kwargs}
+    with pytest.raises(error, match=pattern):
+        solvers.get(name)(lambda z: z, tf.zeros([1, 2]), **args)
+
+
+def test_unknown_keyword_arguments_raise():
+    with pytest.raises(TypeError, match="stopmode"):
+        solvers.broyden(lambda z: z, tf.zeros([1, 2]), 10, 1e-3, stopmode="abs")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, pattern",
+    [
+        ("anderson", {"m": 0}, r"`m`.*m=0"),
+        ("anderson", {"beta": 0.0}, r"`beta`.*beta=0.0"),
+        ("anderson", {"lam": -1.0}, r"`lam`.*lam=-1.0"),
+        ("fixed_point", {"damping": 1.5}, r"`damping`.*damping=1.5"),
+    ],
+)
+def test_solver_specific_arguments_are_checked(name, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        solvers.get(name)(lambda z: z, tf.zeros([1, 2]), 10, 1e-3, **kwargs)
+
+
+def test_damped_fixed_point_follows_its_update_rule():
+    result = solvers.fixed_point(
+        lambda z: 0.5 * z + 1.0, tf.zeros([1, 1]), 2, 1e-9, damping=0.25
+    )
+    # z1 = 0.25 · f(0) + 0.75 · 0 = 0.25, whose relative residual
+    # 0.875 / 1.125 is below z0's 1, so it is the one returned.
+    np.testing.assert_allclose(result.z.numpy(), [[0.25]])
