@@ -1,0 +1,101 @@
+"""The reference DEQ cells the benchmarks run, with their inputs.
+
+Fixed definitions (float32, z0 = 0) so that numbers can be compared with other
+DEQ libraries doing identical work:
+
+- mlp: z, x ∈ R^256, batch 128, f(z, x) = tanh(z Wᵀ + x Uᵀ + b) with
+  W = 0.9·Q (Q orthogonal), U ~ N(0, 1)/16, b ~ 0.1·N(0, 1).
+- conv: NHWC 32×32×64, batch 32,
+  f(z, x) = GN₃(ReLU(z + GN₂(conv₂(ReLU(GN₁(conv₁(z))))) + x)), 3×3 convs
+  without bias, weights N(0, 1)/24, GroupNorm with 8 groups and ε = 1e-5.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_benchmarks")
+class MLPCell(keras.layers.Layer):
+    def __init__(self, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def build(self, z_shape, x_shape):
+        rng = np.random.default_rng(self.seed)
+        d = z_shape[-1]
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        const = keras.initializers.Constant
+        self.w = self.add_weight(
+            shape=(d, d), initializer=const(0.9 * q), name="w"
+        )
+        self.u = self.add_weight(
+            shape=(x_shape[-1], d),
+            initializer=const(rng.normal(size=(x_shape[-1], d)) / 16),
+            name="u",
+        )
+        self.b = self.add_weight(
+            shape=(d,), initializer=const(0.1 * rng.normal(size=d)), name="b"
+        )
+
+    def call(self, z, x, training=None):
+        return tf.tanh(
+            tf.matmul(z, self.w, transpose_b=True)
+            + tf.matmul(x, self.u, transpose_b=True)
+            + self.b
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_benchmarks")
+class ConvCell(keras.layers.Layer):
+    def __init__(self, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        init = keras.initializers.RandomNormal(stddev=1 / 24, seed=seed)
+        self.conv1, self.conv2 = (
+            keras.layers.Conv2D(
+                64,
+                3,
+                padding="same",
+                use_bias=False,
+                kernel_initializer=init,
+                name=f"conv{i}",
+            )
+            for i in (1, 2)
+        )
+        self.norm1, self.norm2, self.norm3 = (
+            keras.layers.GroupNormalization(8, epsilon=1e-5, name=f"gn{i}")
+            for i in (1, 2, 3)
+        )
+
+    def build(self, z_shape, x_shape):
+        for layer in (self.conv1, self.conv2, self.norm1, self.norm2, self.norm3):
+            layer.build(z_shape)
+
+    def call(self, z, x, training=None):
+        h = tf.nn.relu(self.norm1(self.conv1(z)))
+        h = self.norm2(self.conv2(h))
+        return self.norm3(tf.nn.relu(z + h + x))
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+CELLS = {
+    "mlp": (MLPCell, (128, 256)),
+    "conv": (ConvCell, (32, 32, 32, 64)),
+}
+
+
+def make(name, batch_size=None, seed=0):
+    """Returns `(cell, x)` for a cell name; `batch_size` overrides the default."""
+    cls, shape = CELLS[name]
+    if batch_size is not None:
+        shape = (batch_size,) + shape[1:]
+    x = tf.constant(np.random.default_rng(seed + 1).normal(size=shape), tf.float32)
+    cell = cls(seed=seed)
+    cell.build(x.shape, x.shape)
+    return cell, x

@@ -1,0 +1,50 @@
+"""Timing helpers following shared/BENCHMARKING.md: warm-ups, then medians."""
+
+import os
+import statistics
+import time
+
+
+def measure(fn, repeats=10, warmup=3):
+    """Calls `fn` `warmup` times untimed, then `repeats` times timed.
+
+    `fn` must block until its result is ready (e.g. call `.numpy()`).
+    Returns a dict with the median, min and max in seconds.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+    }
+
+
+def print_table(header, rows):
+    widths = [
+        max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)
+    ]
+    line = "  ".join(f"{{:>{w}}}" for w in widths)
+    print(line.format(*header))
+    for row in rows:
+        print(line.format(*row))
+
+
+def versions():
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }

@@ -1,0 +1,132 @@
+r"""Time of one training step through a DEQLayer, per gradient mode.
+
+Loss = mean(z*²); forward solves take a fixed `--iters` evaluations (a
+tolerance that never triggers), the implicit backward `--iters`
+vector-Jacobian products, the phantom gradient one step and the unrolled
+gradient backpropagates through `--iters` iterations.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 \
+      python -m benchmarks.training_step --cells=mlp,conv --iters=12
+
+Reports the median step time over `--repeats` after `--warmup` untimed steps
+(so tracing is excluded) and each mode's ratio to the unrolled step; writes
+the raw numbers to `--output` (JSON).
+"""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import keras_deq  # noqa: E402
+from benchmarks import cells  # noqa: E402
+from benchmarks import timing  # noqa: E402
+
+MODES = {
+    "implicit": dict(gradient="implicit"),
+    "phantom": dict(gradient="phantom", phantom_steps=1),
+    "unrolled": dict(gradient="unrolled"),
+}
+
+_CELLS = flags.DEFINE_list("cells", ["mlp", "conv"], "Cells to measure.")
+_MODES = flags.DEFINE_list("modes", list(MODES), "Gradient modes.")
+_SOLVER = flags.DEFINE_string("solver", "broyden", "Forward/backward solver.")
+_ITERS = flags.DEFINE_integer("iters", 12, "Forward (and backward) iterations.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Override each cell's batch size."
+)
+_JIT = flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed repeats.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed warm-up steps.")
+_OUTPUT = flags.DEFINE_string(
+    "output", "training_step.json", "Where to write the JSON results."
+)
+
+
+def step_function(cell, x, mode, solver, iters, jit):
+    layer = keras_deq.DEQLayer(
+        cell,
+        solver=solver,
+        max_iter=iters,
+        tol=1e-30,
+        backward_max_iter=iters,
+        backward_tol=1e-30,
+        **MODES[mode],
+    )
+    layer.build(x.shape)
+    optimizer = keras.optimizers.SGD(1e-6)
+    optimizer.build(layer.trainable_variables)
+
+    @tf.function(jit_compile=jit)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(layer(x, training=True)))
+        grads = tape.gradient(loss, layer.trainable_variables)
+        optimizer.apply(grads, layer.trainable_variables)
+        return loss
+
+    return step
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    results = []
+    for name in _CELLS.value:
+        cell, x = cells.make(name, _BATCH_SIZE.value)
+        for mode in _MODES.value:
+            step = step_function(
+                cell, x, mode, _SOLVER.value, _ITERS.value, _JIT.value
+            )
+            seconds = timing.measure(
+                lambda step=step: step().numpy(), _REPEATS.value, _WARMUP.value
+            )
+            results.append(
+                {
+                    "cell": name,
+                    "mode": mode,
+                    "solver": _SOLVER.value,
+                    "iters": _ITERS.value,
+                    "jit_compile": _JIT.value,
+                    "batch_size": int(x.shape[0]),
+                    "step_seconds": seconds,
+                }
+            )
+    unrolled = {
+        r["cell"]: r["step_seconds"]["median"]
+        for r in results
+        if r["mode"] == "unrolled"
+    }
+    for r in results:
+        base = unrolled.get(r["cell"])
+        r["ratio_to_unrolled"] = (
+            r["step_seconds"]["median"] / base if base else None
+        )
+    timing.print_table(
+        ["cell", "mode", "step ms", "min-max ms", "/ unrolled"],
+        [
+            [
+                r["cell"],
+                r["mode"],
+                f"{1e3 * r['step_seconds']['median']:.1f}",
+                f"{1e3 * r['step_seconds']['min']:.1f}-"
+                f"{1e3 * r['step_seconds']['max']:.1f}",
+                "-"
+                if r["ratio_to_unrolled"] is None
+                else f"{r['ratio_to_unrolled']:.2f}",
+            ]
+            for r in results
+        ],
+    )
+    with open(_OUTPUT.value, "w") as fh:
+        json.dump({"results": results, "versions": timing.versions()}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end and write complete JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, tmp_path, *flags):
+    output = tmp_path / f"{module}.json"
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", f"--output={output}",
+         "--batch_size=2", "--repeats=2", "--warmup=1", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(output) as fh:
+        return json.load(fh), done.stdout
+
+
+def test_solver_overhead_script(tmp_path):
+    data, stdout = run_module(
+        "solver_overhead", tmp_path, "--iters=4", "--cells=mlp,conv"
+    )
+    results = data["results"]
+    assert len(results) == 2 * 3 * 2  # cells × solvers × XLA settings
+    for r in results:
+        assert r["nfe"] == 4  # the tolerance never triggers
+        assert r["batch_size"] == 2
+        for key in ("f_seconds", "solve_seconds"):
+            t = r[key]
+            assert 0 < t["min"] <= t["median"] <= t["max"]
+        assert r["ratio"] > 0
+    assert "tensorflow" in data["versions"]
+    assert "solve/(nfe*f)" in stdout
+
+
+def test_training_step_script(tmp_path):
+    data, stdout = run_module(
+        "training_step", tmp_path, "--iters=3", "--cells=mlp"
+    )
+    modes = {r["mode"]: r for r in data["results"]}
+    assert set(modes) == {"implicit", "phantom", "unrolled"}
+    assert modes["unrolled"]["ratio_to_unrolled"] == 1.0
+    for r in modes.values():
+        assert r["step_seconds"]["median"] > 0
+        assert r["iters"] == 3
+    assert "/ unrolled" in stdout
