@@ -101,7 +101,7 @@ def main(argv):
             [
                 r["cell"],
                 r["solver"],
-                r["jit_compile"],
+                str(r["jit_compile"]),
                 r["nfe"],
                 f"{1e3 * r['f_seconds']['median']:.2f}",
                 f"{1e3 * r['solve_seconds']['median']:.1f}",

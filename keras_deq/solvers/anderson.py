@@ -64,7 +64,8 @@ def anderson(
     slots = tf.range(m)
 
     def init(z0, fz0):
-        buf = tf.zeros(tf.concat([[m], tf.shape(z0)], 0), z0.dtype)
+        shape = tf.shape(z0)
+        buf = tf.zeros(tf.stack([shape[0], m, shape[1]]), z0.dtype)
         gram = tf.zeros(tf.stack([tf.shape(z0)[0], m, m]), z0.dtype)
         return (buf, buf, gram, tf.constant(0))
 
@@ -72,10 +73,10 @@ def anderson(
         fs, gs, gram, step = state
         g = fz - z
         slot = step % m
-        index = tf.reshape(slot, [1, 1])
-        fs = tf.tensor_scatter_nd_update(fs, index, fz[None])
-        gs = tf.tensor_scatter_nd_update(gs, index, g[None])
-        row = tf.einsum("mbd,bd->bm", gs, g)
+        index = _loop.slot_indices(tf.shape(z)[0], slot)
+        fs = tf.tensor_scatter_nd_update(fs, index, fz)
+        gs = tf.tensor_scatter_nd_update(gs, index, g)
+        row = tf.linalg.matvec(gs, g)
         is_row = tf.equal(slots, slot)[None, :, None]
         is_col = tf.equal(slots, slot)[None, None, :]
         gram = tf.where(
@@ -97,9 +98,9 @@ def anderson(
         ok = tf.reduce_all(tf.math.is_finite(alpha), axis=-1, keepdims=True)
         alpha = tf.where(ok, alpha, tf.one_hot(slot, m, dtype=z.dtype)[None])
 
-        z_next = tf.einsum("bm,mbd->bd", alpha, fs)
+        z_next = tf.linalg.matvec(fs, alpha, transpose_a=True)
         if beta != 1.0:
-            z_next -= (1.0 - beta) * tf.einsum("bm,mbd->bd", alpha, gs)
+            z_next -= (1.0 - beta) * tf.linalg.matvec(gs, alpha, transpose_a=True)
         return z_next, (fs, gs, gram, step + 1)
 
     return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose)

@@ -55,18 +55,20 @@ def broyden(
     history = max(max_iter - 2, 1)
 
     def init(z0, fz0):
-        batch_shape = tf.shape(z0)
-        buf = tf.zeros(tf.concat([[history], batch_shape], 0), z0.dtype)
+        shape = tf.shape(z0)
+        # Batch-major [B, history, d]: matvec then runs as one batched
+        # matrix-vector product per sample, with no transposed copy.
+        buf = tf.zeros(tf.stack([shape[0], history, shape[1]]), z0.dtype)
         return (buf, buf, tf.constant(0), z0, fz0 - z0)
 
     def propose(z, fz, state, active):
         us, vts, step, z_prev, g_prev = state
         g = fz - z
         # B g with B = −I + Σ u_i v_iᵀ; zero slots add nothing.
-        bg = -g + tf.einsum("tbd,tb->bd", us, tf.einsum("tbd,bd->tb", vts, g))
+        bg = -g + tf.linalg.matvec(us, tf.linalg.matvec(vts, g), transpose_a=True)
         dz = z - z_prev
         dg = g - g_prev
-        vt = -dz + tf.einsum("tbd,tb->bd", vts, tf.einsum("tbd,bd->tb", us, dz))
+        vt = -dz + tf.linalg.matvec(vts, tf.linalg.matvec(us, dz), transpose_a=True)
         # The last step was dz = −B g_prev, so B dg = B g + dz and the
         # good-Broyden u = (dz − B dg) / (dzᵀ B dg) is −B g / (vᵀ dg).
         denom = tf.reduce_sum(vt * dg, axis=-1)
@@ -81,9 +83,9 @@ def broyden(
         safe_denom = tf.where(ok, denom, tf.ones_like(denom))
         u = tf.where(ok[:, None], -bg / safe_denom[:, None], tf.zeros_like(g))
         vt = tf.where(ok[:, None], vt, tf.zeros_like(g))
-        slot = tf.reshape(tf.maximum(step - 1, 0), [1, 1])
-        us = tf.tensor_scatter_nd_update(us, slot, u[None])
-        vts = tf.tensor_scatter_nd_update(vts, slot, vt[None])
+        slot = _loop.slot_indices(tf.shape(z)[0], tf.maximum(step - 1, 0))
+        us = tf.tensor_scatter_nd_update(us, slot, u)
+        vts = tf.tensor_scatter_nd_update(vts, slot, vt)
         # The updated B applied to g, without another pass over the history.
         bg_new = bg + u * tf.reduce_sum(vt * g, axis=-1, keepdims=True)
         return z - bg_new, (us, vts, step + 1, z, g)
