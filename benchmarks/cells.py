@@ -72,7 +72,13 @@ class ConvCell(keras.layers.Layer):
         )
 
     def build(self, z_shape, x_shape):
-        for layer in (self.conv1, self.conv2, self.norm1, self.norm2, self.norm3):
+        for layer in (
+            self.conv1,
+            self.conv2,
+            self.norm1,
+            self.norm2,
+            self.norm3,
+        ):
             layer.build(z_shape)
 
     def call(self, z, x, training=None):
@@ -91,11 +97,13 @@ CELLS = {
 
 
 def make(name, batch_size=None, seed=0):
-    """Returns `(cell, x)` for a cell name; `batch_size` overrides the default."""
+    """Returns `(cell, x)`; `batch_size` overrides the cell's default."""
     cls, shape = CELLS[name]
     if batch_size is not None:
         shape = (batch_size,) + shape[1:]
-    x = tf.constant(np.random.default_rng(seed + 1).normal(size=shape), tf.float32)
+    x = tf.constant(
+        np.random.default_rng(seed + 1).normal(size=shape), tf.float32
+    )
     cell = cls(seed=seed)
     cell.build(x.shape, x.shape)
     return cell, x

@@ -42,6 +42,11 @@ _OUTPUT = flags.DEFINE_string(
 )
 
 
+def _compiled_solve(solver, f, iters, jit):
+    # A tolerance no float32 solve reaches: every solve makes `iters` calls.
+    return tf.function(lambda z0: solver(f, z0, iters, 1e-30), jit_compile=jit)
+
+
 def measure_cell(name, solver_names, iters, jit, batch_size, repeats, warmup):
     cell, x = cells.make(name, batch_size)
     batch = x.shape[0]
@@ -54,12 +59,9 @@ def measure_cell(name, solver_names, iters, jit, batch_size, repeats, warmup):
     f_call = tf.function(f_flat, jit_compile=jit)
     f_time = timing.measure(lambda: f_call(z_flat).numpy(), repeats, warmup)
     rows = []
+    zeros = tf.zeros_like(z_flat)
     for solver_name in solver_names:
-        solve = tf.function(
-            lambda z0, s=solvers.get(solver_name): s(f_flat, z0, iters, 1e-30),
-            jit_compile=jit,
-        )
-        zeros = tf.zeros_like(z_flat)
+        solve = _compiled_solve(solvers.get(solver_name), f_flat, iters, jit)
         nfe = int(tf.reduce_max(solve(zeros).nstep))
         solve_time = timing.measure(
             lambda solve=solve: solve(zeros).z.numpy(), repeats, warmup
@@ -95,8 +97,16 @@ def main(argv):
                 _WARMUP.value,
             )
     timing.print_table(
-        ["cell", "solver", "xla", "nfe", "f ms", "solve ms", "solve/(nfe*f)",
-         "solve min-max ms"],
+        [
+            "cell",
+            "solver",
+            "xla",
+            "nfe",
+            "f ms",
+            "solve ms",
+            "solve/(nfe*f)",
+            "solve min-max ms",
+        ],
         [
             [
                 r["cell"],
@@ -113,7 +123,9 @@ def main(argv):
         ],
     )
     with open(_OUTPUT.value, "w") as fh:
-        json.dump({"results": results, "versions": timing.versions()}, fh, indent=1)
+        json.dump(
+            {"results": results, "versions": timing.versions()}, fh, indent=1
+        )
 
 
 if __name__ == "__main__":

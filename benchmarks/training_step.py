@@ -125,7 +125,9 @@ def main(argv):
         ],
     )
     with open(_OUTPUT.value, "w") as fh:
-        json.dump({"results": results, "versions": timing.versions()}, fh, indent=1)
+        json.dump(
+            {"results": results, "versions": timing.versions()}, fh, indent=1
+        )
 
 
 if __name__ == "__main__":

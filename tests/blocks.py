@@ -81,6 +81,8 @@ class TwoResolutionCell(keras.layers.Layer):
             + tf.reshape(x @ self.p, [batch, 4, 3])
         )
         coarse_new = tf.tanh(
-            tf.reshape(fine, [batch, 12]) @ self.d + coarse @ self.e + x @ self.q
+            tf.reshape(fine, [batch, 12]) @ self.d
+            + coarse @ self.e
+            + x @ self.q
         )
         return [fine_new, coarse_new]

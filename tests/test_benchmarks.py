@@ -11,8 +11,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_module(module, tmp_path, *flags):
     output = tmp_path / f"{module}.json"
     done = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", f"--output={output}",
-         "--batch_size=2", "--repeats=2", "--warmup=1", *flags],
+        [
+            sys.executable,
+            "-m",
+            f"benchmarks.{module}",
+            f"--output={output}",
+            "--batch_size=2",
+            "--repeats=2",
+            "--warmup=1",
+            *flags,
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

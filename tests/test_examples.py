@@ -26,7 +26,11 @@ def test_quickstart_learns_and_converges():
 
 def run_script(*args):
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "quickstart.py"), *args],
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "quickstart.py"),
+            *args,
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},

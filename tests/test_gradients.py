@@ -88,7 +88,9 @@ def test_implicit_gradient_of_nested_state_matches_finite_differences():
     layer = make_layer(block=TwoResolutionCell(dtype="float64"))
     out = layer(x)
     assert [tuple(t.shape) for t in out] == [(3, 4, 3), (3, 5)]
-    assert_close_relative(tape_gradients(layer, x), central_differences(layer, x), 1e-5)
+    assert_close_relative(
+        tape_gradients(layer, x), central_differences(layer, x), 1e-5
+    )
 
 
 def test_nested_state_solve_matches_plain_iteration():
@@ -111,7 +113,9 @@ def test_tiny_loss_gives_proportionally_tiny_gradients():
     full = tape_gradients(layer, x32)
     tiny = tape_gradients(layer, x32, lambda out: 1e-8 * weighted_sum(out))
     for g, t in zip(full, tiny, strict=True):
-        np.testing.assert_allclose(t.numpy() * 1e8, g.numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            t.numpy() * 1e8, g.numpy(), rtol=1e-4, atol=1e-7
+        )
         assert np.linalg.norm(t.numpy()) > 0
 
 

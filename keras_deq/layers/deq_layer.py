@@ -233,7 +233,9 @@ class DEQLayer(keras.layers.Layer):
         z0 = self._initial_state(x)
         f, flattener = self._flat_block(x, z0, training)
         solve = solvers.get(self.solver)
-        result = solve(f, flattener.flatten(z0), self.max_iter, self.tol, self.stop_mode)
+        result = solve(
+            f, flattener.flatten(z0), self.max_iter, self.tol, self.stop_mode
+        )
         return tf.nest.map_structure(tf.stop_gradient, result)
 
     def call(self, x, training=None):
@@ -328,7 +330,9 @@ def _keras_tensors(specs):
 
 
 def _paths(nest):
-    return ["/".join(map(str, p)) for p, _ in keras.tree.flatten_with_path(nest)]
+    return [
+        "/".join(map(str, p)) for p, _ in keras.tree.flatten_with_path(nest)
+    ]
 
 
 def _shape(tensor):

@@ -50,7 +50,9 @@ def register(name: str, solver: Callable[..., SolverResult]) -> None:
         solver: a function `(f, z0, max_iter, tol, stop_mode) -> SolverResult`.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"`name` must be a non-empty string. Received: {name!r}")
+        raise ValueError(
+            f"`name` must be a non-empty string. Received: {name!r}"
+        )
     if name in _REGISTRY:
         raise ValueError(f"A solver is already registered as {name!r}.")
     if not callable(solver):

@@ -100,7 +100,9 @@ def anderson(
 
         z_next = tf.linalg.matvec(fs, alpha, transpose_a=True)
         if beta != 1.0:
-            z_next -= (1.0 - beta) * tf.linalg.matvec(gs, alpha, transpose_a=True)
+            z_next -= (1.0 - beta) * tf.linalg.matvec(
+                gs, alpha, transpose_a=True
+            )
         return z_next, (fs, gs, gram, step + 1)
 
     return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose)

@@ -65,10 +65,14 @@ def broyden(
         us, vts, step, z_prev, g_prev = state
         g = fz - z
         # B g with B = −I + Σ u_i v_iᵀ; zero slots add nothing.
-        bg = -g + tf.linalg.matvec(us, tf.linalg.matvec(vts, g), transpose_a=True)
+        bg = -g + tf.linalg.matvec(
+            us, tf.linalg.matvec(vts, g), transpose_a=True
+        )
         dz = z - z_prev
         dg = g - g_prev
-        vt = -dz + tf.linalg.matvec(vts, tf.linalg.matvec(us, dz), transpose_a=True)
+        vt = -dz + tf.linalg.matvec(
+            vts, tf.linalg.matvec(us, dz), transpose_a=True
+        )
         # The last step was dz = −B g_prev, so B dg = B g + dz and the
         # good-Broyden u = (dz − B dg) / (dzᵀ B dg) is −B g / (vᵀ dg).
         denom = tf.reduce_sum(vt * dg, axis=-1)

@@ -40,7 +40,9 @@ def fixed_point(
     >>> float(res.z[0, 0])  # doctest: +ELLIPSIS
     1.99999...
     """
-    damping = validation.check_range("damping", damping, 0.0, 1.0, low_open=True)
+    damping = validation.check_range(
+        "damping", damping, 0.0, 1.0, low_open=True
+    )
 
     def propose(z, fz, state, active):
         if damping == 1.0:

@@ -35,12 +35,16 @@ class StateFlattener:
         return flat[0] if len(flat) == 1 else tf.concat(flat, axis=-1)
 
     def unflatten(self, flat: tf.Tensor):
-        parts = [flat] if len(self.sizes) == 1 else tf.split(flat, self.sizes, -1)
+        parts = (
+            [flat] if len(self.sizes) == 1 else tf.split(flat, self.sizes, -1)
+        )
         leaves = []
         for part, shape, static, dtype in zip(
             parts, self.shapes, self.static_shapes, self.dtypes, strict=True
         ):
-            leaf = tf.reshape(part, tf.concat([tf.shape(part)[:1], shape[1:]], 0))
+            leaf = tf.reshape(
+                part, tf.concat([tf.shape(part)[:1], shape[1:]], 0)
+            )
             leaf = tf.ensure_shape(leaf, [None] + static[1:].as_list())
             leaves.append(tf.cast(leaf, dtype))
         return tf.nest.pack_sequence_as(self.structure, leaves)

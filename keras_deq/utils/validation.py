@@ -11,7 +11,8 @@ def check_int(name: str, value, minimum: int) -> int:
         )
     if value < minimum:
         raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. Received: {name}={value}"
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value}"
         )
     return int(value)
 
@@ -25,7 +26,9 @@ def _check_number(name: str, value, rule: str) -> float:
 def check_positive(name: str, value) -> float:
     value = _check_number(name, value, "a number > 0")
     if not value > 0:
-        raise ValueError(f"`{name}` must be a number > 0. Received: {name}={value}")
+        raise ValueError(
+            f"`{name}` must be a number > 0. Received: {name}={value}"
+        )
     return value
 
 
@@ -45,6 +48,7 @@ def check_range(
 def check_choice(name: str, value, allowed) -> str:
     if value not in allowed:
         raise ValueError(
-            f"`{name}` must be one of {list(allowed)}. Received: {name}={value!r}"
+            f"`{name}` must be one of {list(allowed)}. "
+            f"Received: {name}={value!r}"
         )
     return value

@@ -80,7 +80,9 @@ def test_jit_compiled_fit_step_matches_graph_step(gradient):
     keras.utils.set_random_seed(1)
     graph = one_step_weights(classifier(gradient=gradient), x, y)
     keras.utils.set_random_seed(1)
-    jit = one_step_weights(classifier(gradient=gradient), x, y, jit_compile=True)
+    jit = one_step_weights(
+        classifier(gradient=gradient), x, y, jit_compile=True
+    )
     for a, b in zip(graph, jit, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -120,7 +122,8 @@ def test_functional_and_subclassed_models_agree():
 
     subclassed = Subclassed()
     np.testing.assert_allclose(
-        functional.predict(x, verbose=0), subclassed.predict(x, verbose=0),
+        functional.predict(x, verbose=0),
+        subclassed.predict(x, verbose=0),
         atol=1e-6,
     )
 
@@ -172,7 +175,9 @@ def test_saved_model_export_serves_the_same_outputs(tmp_path):
     # Loaded with TensorFlow alone: no keras_deq code is needed to serve.
     served = tf.saved_model.load(str(tmp_path / "served"))
     np.testing.assert_allclose(served.serve(x).numpy(), expected, atol=1e-6)
-    np.testing.assert_allclose(served.serve(x[:5]).numpy(), expected[:5], atol=1e-5)
+    np.testing.assert_allclose(
+        served.serve(x[:5]).numpy(), expected[:5], atol=1e-5
+    )
 
 
 def test_mixed_precision_solves_in_float32_and_returns_float16():
@@ -185,7 +190,9 @@ def test_mixed_precision_solves_in_float32_and_returns_float16():
     layer.set_weights(reference.get_weights())
     out = layer(x)
     assert out.dtype == tf.float16
-    np.testing.assert_allclose(out.numpy().astype("float32"), expected, atol=1e-2)
+    np.testing.assert_allclose(
+        out.numpy().astype("float32"), expected, atol=1e-2
+    )
     # The solve itself ran in float32: a float16 state could not reach 1e-4.
     assert layer.forward_residual.result().numpy() < 1e-4
 
@@ -221,7 +228,11 @@ def test_mirrored_strategy_matches_single_device():
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        ({"solver": "newton"}, ValueError, r"`solver`.*'broyden'.*solver='newton'"),
+        (
+            {"solver": "newton"},
+            ValueError,
+            r"`solver`.*'broyden'.*solver='newton'",
+        ),
         (
             {"backward_solver": "lbfgs"},
             ValueError,
@@ -245,7 +256,9 @@ def test_bad_configuration_raises(kwargs, error, pattern):
 
 
 def test_block_must_be_a_layer():
-    with pytest.raises(TypeError, match=r"`block` must be a keras.layers.Layer"):
+    with pytest.raises(
+        TypeError, match=r"`block` must be a keras.layers.Layer"
+    ):
         keras_deq.DEQLayer(lambda z, x: z)
 
 
@@ -261,7 +274,9 @@ class WrongStructureCell(keras.layers.Layer):
 
 def test_block_output_shape_must_match_state():
     layer = keras_deq.DEQLayer(WrongShapeCell())
-    with pytest.raises(ValueError, match=r"State shape: \(None, 4\).*\(None, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"State shape: \(None, 4\).*\(None, 8\)"
+    ):
         layer(keras.Input((4,)))
 
 
