@@ -12,7 +12,6 @@ graph mode and with XLA; times are medians over `--repeats` after
 `--warmup` untimed calls (which exclude tracing and compilation).
 """
 
-import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -116,16 +115,12 @@ def main(argv):
                 f"{1e3 * r['f_seconds']['median']:.2f}",
                 f"{1e3 * r['solve_seconds']['median']:.1f}",
                 f"{r['ratio']:.2f}",
-                f"{1e3 * r['solve_seconds']['min']:.1f}-"
-                f"{1e3 * r['solve_seconds']['max']:.1f}",
+                timing.ms_range(r["solve_seconds"]),
             ]
             for r in results
         ],
     )
-    with open(_OUTPUT.value, "w") as fh:
-        json.dump(
-            {"results": results, "versions": timing.versions()}, fh, indent=1
-        )
+    timing.write_json(_OUTPUT.value, results)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Timing helpers following shared/BENCHMARKING.md: warm-ups, then medians."""
 
+import json
 import os
 import statistics
 import time
@@ -23,6 +24,17 @@ def measure(fn, repeats=10, warmup=3):
         "min": min(times),
         "max": max(times),
     }
+
+
+def ms_range(seconds):
+    """ "min-max" of a `measure` result, in milliseconds."""
+    return f"{1e3 * seconds['min']:.1f}-{1e3 * seconds['max']:.1f}"
+
+
+def write_json(path, results):
+    """Writes the results with the versions they were measured with."""
+    with open(path, "w") as fh:
+        json.dump({"results": results, "versions": versions()}, fh, indent=1)
 
 
 def print_table(header, rows):

@@ -13,7 +13,6 @@ Reports the median step time over `--repeats` after `--warmup` untimed steps
 the raw numbers to `--output` (JSON).
 """
 
-import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -115,8 +114,7 @@ def main(argv):
                 r["cell"],
                 r["mode"],
                 f"{1e3 * r['step_seconds']['median']:.1f}",
-                f"{1e3 * r['step_seconds']['min']:.1f}-"
-                f"{1e3 * r['step_seconds']['max']:.1f}",
+                timing.ms_range(r["step_seconds"]),
                 "-"
                 if r["ratio_to_unrolled"] is None
                 else f"{r['ratio_to_unrolled']:.2f}",
@@ -124,10 +122,7 @@ def main(argv):
             for r in results
         ],
     )
-    with open(_OUTPUT.value, "w") as fh:
-        json.dump(
-            {"results": results, "versions": timing.versions()}, fh, indent=1
-        )
+    timing.write_json(_OUTPUT.value, results)
 
 
 if __name__ == "__main__":

@@ -229,8 +229,7 @@ class DEQLayer(keras.layers.Layer):
 
         return f, flattener
 
-    def _forward_solve(self, x, training):
-        z0 = self._initial_state(x)
+    def _forward_solve(self, x, z0, training):
         f, flattener = self._flat_block(x, z0, training)
         solve = solvers.get(self.solver)
         result = solve(
@@ -249,9 +248,9 @@ class DEQLayer(keras.layers.Layer):
             nstep = tf.fill(tf.shape(rel_res), self.max_iter)
         else:
             if tf.executing_eagerly():
-                result = self._eager_solve(x, bool(training))
+                result = self._eager_solve(x, z0, bool(training))
             else:
-                result = self._forward_solve(x, training)
+                result = self._forward_solve(x, z0, training)
             z_star, nstep, rel_res = result.z, result.nstep, result.rel_residual
             if self.gradient == "implicit":
                 z = gradients.implicit(
@@ -273,12 +272,12 @@ class DEQLayer(keras.layers.Layer):
         self.forward_residual.update_state(tf.cast(rel_res, tf.float32))
         return flattener.unflatten(z)
 
-    def _eager_solve(self, x, training):
+    def _eager_solve(self, x, z0, training):
         fn = _EAGER_SOLVES.get(self)
         if fn is None:
             fn = tf.function(self._forward_solve, reduce_retracing=True)
             _EAGER_SOLVES[self] = fn
-        return fn(x, training)
+        return fn(x, z0, training)
 
     def _record_backward(self, result):
         self.backward_nfe.update_state(tf.cast(result.nstep, tf.float32))
