@@ -9,11 +9,20 @@ if keras.backend.backend() != "tensorflow":
         "KERAS_BACKEND=tensorflow before importing keras."
     )
 
+from keras_deq import callbacks  # noqa: E402
 from keras_deq import gradients  # noqa: E402
+from keras_deq import jacobian  # noqa: E402
 from keras_deq import layers  # noqa: E402
 from keras_deq import solvers  # noqa: E402
 from keras_deq.layers import DEQLayer  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["DEQLayer", "gradients", "layers", "solvers"]
+__all__ = [
+    "DEQLayer",
+    "callbacks",
+    "gradients",
+    "jacobian",
+    "layers",
+    "solvers",
+]

@@ -86,3 +86,34 @@ class TwoResolutionCell(keras.layers.Layer):
             + x @ self.q
         )
         return [fine_new, coarse_new]
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class LinearCell(keras.layers.Layer):
+    """f(z, x) = z A + x: J_f = Aᵀ at every point, z* = x (I − A)⁻¹."""
+
+    def __init__(self, norm=0.5, seed=0, trainable_a=True, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = norm
+        self.seed = seed
+        self.trainable_a = trainable_a
+
+    def build(self, z_shape, x_shape):
+        rng = np.random.default_rng(self.seed)
+        a = contraction(rng, z_shape[-1], self.norm)
+        self.a = self.add_weight(
+            shape=a.shape,
+            initializer=keras.initializers.Constant(a),
+            trainable=self.trainable_a,
+            name="a",
+        )
+
+    def call(self, z, x, training=None):
+        return z @ self.a + x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            norm=self.norm, seed=self.seed, trainable_a=self.trainable_a
+        )
+        return config

@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_deq import gradients
+from keras_deq import jacobian
 from keras_deq import solvers
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
@@ -37,8 +38,18 @@ class DEQLayer(keras.layers.Layer):
     The layer tracks Keras metrics, shown by `fit` and kept in `History`:
     `{name}_forward_nfe` and `{name}_forward_residual` (mean evaluations of
     the block per sample and mean relative residual of the forward solve),
-    and with implicit gradients `{name}_backward_nfe` and
-    `{name}_backward_residual`.
+    with implicit gradients `{name}_backward_nfe` and
+    `{name}_backward_residual`, and `{name}_jac_loss`, the Jacobian penalty
+    averaged over the training steps that computed it.
+
+    Jacobian regularization: while training, each call draws τ ~ Bernoulli(p)
+    with p = `jac_freq`; when τ = 1 and γ = `jac_weight` > 0 the layer adds
+    γ · mean over the batch of the Hutchinson estimate of ‖J_f(z*)‖_F² / d
+    (`keras_deq.jacobian.frobenius_estimate`, `jac_samples` probes) with
+    `add_loss`; otherwise the estimator is not run at all. γ and p are the
+    non-trainable variables `layer.jac_weight` and `layer.jac_freq`, so
+    callbacks (`keras_deq.callbacks.JacobianSchedule`, `AdaptiveJacobian`)
+    can change them during `fit` without retracing the step.
 
     Args:
         block: a `keras.layers.Layer` whose `call(z, x, training=None)`
@@ -67,6 +78,14 @@ class DEQLayer(keras.layers.Layer):
         phantom_steps: steps of the phantom gradient. Defaults to `1`.
         phantom_tau: damping τ of the phantom steps, in (0, 1]. Defaults to
             `1.0`.
+        jac_weight: strength γ >= 0 of the Jacobian penalty. Defaults to
+            `0.0` (off).
+        jac_freq: probability p in [0, 1] that a training call computes the
+            penalty. Defaults to `1.0`.
+        jac_samples: Gaussian probes M of the Hutchinson estimate. Defaults
+            to `1`.
+        seed: int seed of the penalty's gate and probes. Defaults to `None`
+            (drawn from Keras' global seed).
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -93,8 +112,10 @@ class DEQLayer(keras.layers.Layer):
     model = keras.Sequential([keras.Input((64,)), keras_deq.DEQLayer(Cell())])
     ```
 
-    Reference:
+    References:
         Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+        Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian
+        Regularization", ICML 2021.
     """
 
     def __init__(
@@ -111,6 +132,10 @@ class DEQLayer(keras.layers.Layer):
         gradient: str = "implicit",
         phantom_steps: int = 1,
         phantom_tau: float = 1.0,
+        jac_weight: float = 0.0,
+        jac_freq: float = 1.0,
+        jac_samples: int = 1,
+        seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -134,6 +159,11 @@ class DEQLayer(keras.layers.Layer):
         validation.check_choice("gradient", gradient, gradients.GRADIENTS)
         validation.check_int("phantom_steps", phantom_steps, 1)
         validation.check_range("phantom_tau", phantom_tau, 0, 1, low_open=True)
+        jac_weight = validation.check_nonnegative("jac_weight", jac_weight)
+        jac_freq = validation.check_range("jac_freq", jac_freq, 0, 1)
+        validation.check_int("jac_samples", jac_samples, 1)
+        if seed is not None:
+            validation.check_int("seed", seed, 0)
 
         self.block = block
         self.solver = solver
@@ -146,6 +176,14 @@ class DEQLayer(keras.layers.Layer):
         self.gradient = gradient
         self.phantom_steps = phantom_steps
         self.phantom_tau = phantom_tau
+        self.jac_samples = jac_samples
+        self.seed = seed
+        self._jac_config = {"jac_weight": jac_weight, "jac_freq": jac_freq}
+        self.jac_weight = None
+        self.jac_freq = None
+        self._seed_generator = keras.random.SeedGenerator(
+            seed, name="jac_seed_generator"
+        )
 
         self.forward_nfe = keras.metrics.Mean(name=f"{self.name}_forward_nfe")
         self.forward_residual = keras.metrics.Mean(
@@ -158,6 +196,7 @@ class DEQLayer(keras.layers.Layer):
             self.backward_residual = keras.metrics.Mean(
                 name=f"{self.name}_backward_residual"
             )
+        self.jac_loss = keras.metrics.Mean(name=f"{self.name}_jac_loss")
         self._state_spec = None
 
     def build(self, x_shape):
@@ -183,6 +222,18 @@ class DEQLayer(keras.layers.Layer):
             training=False,
         )
         self._check_block_output(self._state_spec, z1)
+        for name, value in self._jac_config.items():
+            setattr(
+                self,
+                name,
+                self.add_weight(
+                    shape=(),
+                    initializer=keras.initializers.Constant(value),
+                    trainable=False,
+                    autocast=False,
+                    name=name,
+                ),
+            )
         self.built = True
 
     def _initial_state(self, x):
@@ -246,6 +297,7 @@ class DEQLayer(keras.layers.Layer):
             )
             _, rel_res = _loop.residuals(z_prev, z)
             nstep = tf.fill(tf.shape(rel_res), self.max_iter)
+            z_star = tf.stop_gradient(z)
         else:
             if tf.executing_eagerly():
                 result = self._eager_solve(x, z0, bool(training))
@@ -268,9 +320,30 @@ class DEQLayer(keras.layers.Layer):
                 z = gradients.phantom(
                     f, z_star, self.phantom_steps, self.phantom_tau
                 )
+        if training:
+            self._jacobian_penalty(f, z_star)
         self.forward_nfe.update_state(tf.cast(nstep, tf.float32))
         self.forward_residual.update_state(tf.cast(rel_res, tf.float32))
         return flattener.unflatten(z)
+
+    def _jacobian_penalty(self, f, z_star):
+        """Adds γ · mean ‖J_f(z*)‖_F² / d when a Bernoulli(p) draw says so."""
+        dtype = z_star.dtype
+        gamma = tf.cast(self.jac_weight, dtype)
+        draw = keras.random.uniform((), seed=self._seed_generator)
+        gate = tf.logical_and(draw < self.jac_freq, gamma > 0)
+
+        def penalty():
+            estimate = jacobian.frobenius_estimate(
+                f, z_star, self.jac_samples, seed=self._seed_generator
+            )
+            return gamma * tf.reduce_mean(estimate)
+
+        value = tf.cond(gate, penalty, lambda: tf.zeros((), dtype))
+        self.add_loss(tf.cast(value, self.variable_dtype))
+        self.jac_loss.update_state(
+            tf.cast(value, tf.float32), sample_weight=tf.cast(gate, tf.float32)
+        )
 
     def _eager_solve(self, x, z0, training):
         fn = _EAGER_SOLVES.get(self)
@@ -278,6 +351,33 @@ class DEQLayer(keras.layers.Layer):
             fn = tf.function(self._forward_solve, reduce_retracing=True)
             _EAGER_SOLVES[self] = fn
         return fn(x, z0, training)
+
+    def spectral_radius(self, x, num_iters: int = 50) -> tf.Tensor:
+        """Power-method estimate of ρ(J_f(z*)) at the equilibrium of `x`.
+
+        Solves the forward problem for `x` (in inference mode) and runs
+        `keras_deq.jacobian.spectral_radius` at z*. Values below 1 mean
+        that plain fixed-point iteration converges locally.
+
+        Args:
+            x: a batch of inputs of this layer.
+            num_iters: power-method iterations. Defaults to `50`.
+
+        Returns:
+            `[B]` estimates, in the solver's dtype (float32 or float64).
+        """
+        x = tf.nest.map_structure(
+            lambda t: tf.convert_to_tensor(t, self.compute_dtype), x
+        )
+        if not self.built:
+            self.build(tf.nest.map_structure(lambda t: t.shape, x))
+        z0 = self._initial_state(x)
+        f, _ = self._flat_block(x, z0, False)
+        if tf.executing_eagerly():
+            result = self._eager_solve(x, z0, False)
+        else:
+            result = self._forward_solve(x, z0, False)
+        return jacobian.spectral_radius(f, result.z, num_iters)
 
     def _record_backward(self, result):
         self.backward_nfe.update_state(tf.cast(result.nstep, tf.float32))
@@ -309,6 +409,9 @@ class DEQLayer(keras.layers.Layer):
                 "gradient": self.gradient,
                 "phantom_steps": self.phantom_steps,
                 "phantom_tau": self.phantom_tau,
+                **self._jac_config,
+                "jac_samples": self.jac_samples,
+                "seed": self.seed,
             }
         )
         return config

@@ -32,6 +32,15 @@ def check_positive(name: str, value) -> float:
     return value
 
 
+def check_nonnegative(name: str, value) -> float:
+    value = _check_number(name, value, "a finite number >= 0")
+    if not 0 <= value < float("inf"):
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0. Received: {name}={value}"
+        )
+    return value
+
+
 def check_range(
     name: str, value, low: float, high: float, low_open: bool = False
 ) -> float:
