@@ -3,7 +3,9 @@ r"""Time of one training step through a DEQLayer, per gradient mode.
 Loss = mean(z*²); forward solves take a fixed `--iters` evaluations (a
 tolerance that never triggers), the implicit backward `--iters`
 vector-Jacobian products, the phantom gradient one step and the unrolled
-gradient backpropagates through `--iters` iterations.
+gradient backpropagates through `--iters` iterations. Each mode is timed
+with the Jacobian penalty off and on (p = 1, M = 1, so every step computes
+it), and the table gives the ratio on / off.
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 \
       python -m benchmarks.training_step --cells=mlp,conv --iters=12
@@ -35,6 +37,9 @@ MODES = {
 
 _CELLS = flags.DEFINE_list("cells", ["mlp", "conv"], "Cells to measure.")
 _MODES = flags.DEFINE_list("modes", list(MODES), "Gradient modes.")
+_JACOBIAN = flags.DEFINE_list(
+    "jacobian", ["off", "on"], "Jacobian penalty settings to time: off, on."
+)
 _SOLVER = flags.DEFINE_string("solver", "broyden", "Forward/backward solver.")
 _ITERS = flags.DEFINE_integer("iters", 12, "Forward (and backward) iterations.")
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -48,7 +53,7 @@ _OUTPUT = flags.DEFINE_string(
 )
 
 
-def step_function(cell, x, mode, solver, iters, jit):
+def step_function(cell, x, mode, solver, iters, jit, jacobian=False):
     layer = keras_deq.DEQLayer(
         cell,
         solver=solver,
@@ -56,6 +61,9 @@ def step_function(cell, x, mode, solver, iters, jit):
         tol=1e-30,
         backward_max_iter=iters,
         backward_tol=1e-30,
+        jac_weight=1.0 if jacobian else 0.0,
+        jac_freq=1.0,
+        jac_samples=1,
         **MODES[mode],
     )
     layer.build(x.shape)
@@ -66,6 +74,7 @@ def step_function(cell, x, mode, solver, iters, jit):
     def step():
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(layer(x, training=True)))
+            loss += tf.add_n(layer.losses)
         grads = tape.gradient(loss, layer.trainable_variables)
         optimizer.apply(grads, layer.trainable_variables)
         return loss
@@ -76,48 +85,75 @@ def step_function(cell, x, mode, solver, iters, jit):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    for value in _JACOBIAN.value:
+        if value not in ("off", "on"):
+            raise app.UsageError(
+                f"--jacobian takes off and/or on. Got {_JACOBIAN.value}"
+            )
     results = []
     for name in _CELLS.value:
         cell, x = cells.make(name, _BATCH_SIZE.value)
         for mode in _MODES.value:
-            step = step_function(
-                cell, x, mode, _SOLVER.value, _ITERS.value, _JIT.value
-            )
-            seconds = timing.measure(
-                lambda step=step: step().numpy(), _REPEATS.value, _WARMUP.value
-            )
-            results.append(
-                {
-                    "cell": name,
-                    "mode": mode,
-                    "solver": _SOLVER.value,
-                    "iters": _ITERS.value,
-                    "jit_compile": _JIT.value,
-                    "batch_size": int(x.shape[0]),
-                    "step_seconds": seconds,
-                }
-            )
-    unrolled = {
-        r["cell"]: r["step_seconds"]["median"]
+            for jac in _JACOBIAN.value:
+                step = step_function(
+                    cell,
+                    x,
+                    mode,
+                    _SOLVER.value,
+                    _ITERS.value,
+                    _JIT.value,
+                    jacobian=jac == "on",
+                )
+                seconds = timing.measure(
+                    lambda step=step: step().numpy(),
+                    _REPEATS.value,
+                    _WARMUP.value,
+                )
+                results.append(
+                    {
+                        "cell": name,
+                        "mode": mode,
+                        "jacobian": jac == "on",
+                        "solver": _SOLVER.value,
+                        "iters": _ITERS.value,
+                        "jit_compile": _JIT.value,
+                        "batch_size": int(x.shape[0]),
+                        "step_seconds": seconds,
+                    }
+                )
+    median = {
+        (r["cell"], r["mode"], r["jacobian"]): r["step_seconds"]["median"]
         for r in results
-        if r["mode"] == "unrolled"
     }
     for r in results:
-        base = unrolled.get(r["cell"])
-        r["ratio_to_unrolled"] = (
-            r["step_seconds"]["median"] / base if base else None
-        )
+        unrolled = median.get((r["cell"], "unrolled", r["jacobian"]))
+        off = median.get((r["cell"], r["mode"], False))
+        here = r["step_seconds"]["median"]
+        r["ratio_to_unrolled"] = here / unrolled if unrolled else None
+        r["ratio_to_penalty_off"] = here / off if off else None
+
+    def ratio(value):
+        return "-" if value is None else f"{value:.2f}"
+
     timing.print_table(
-        ["cell", "mode", "step ms", "min-max ms", "/ unrolled"],
+        [
+            "cell",
+            "mode",
+            "penalty",
+            "step ms",
+            "min-max ms",
+            "/ unrolled",
+            "/ off",
+        ],
         [
             [
                 r["cell"],
                 r["mode"],
+                "on" if r["jacobian"] else "off",
                 f"{1e3 * r['step_seconds']['median']:.1f}",
                 timing.ms_range(r["step_seconds"]),
-                "-"
-                if r["ratio_to_unrolled"] is None
-                else f"{r['ratio_to_unrolled']:.2f}",
+                ratio(r["ratio_to_unrolled"]),
+                ratio(r["ratio_to_penalty_off"]) if r["jacobian"] else "-",
             ]
             for r in results
         ],

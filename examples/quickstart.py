@@ -24,16 +24,22 @@ from absl import flags  # noqa: E402
 
 import keras_deq  # noqa: E402
 
-_EPOCHS = flags.DEFINE_integer("epochs", 20, "Training epochs.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4000, "Generated samples.")
-_HIDDEN = flags.DEFINE_integer("hidden", 64, "Width of the DEQ state.")
-_SOLVER = flags.DEFINE_enum(
-    "solver", "broyden", keras_deq.solvers.names(), "Forward solver."
-)
-_MAX_ITER = flags.DEFINE_integer("max_iter", 20, "Forward solver iterations.")
-_TOL = flags.DEFINE_float("tol", 1e-3, "Forward relative tolerance.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Command-line flags; defined only when run as a script, so that the
+    examples can be imported together."""
+    flags.DEFINE_integer("epochs", 20, "Training epochs.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size.")
+    flags.DEFINE_integer("num_samples", 4000, "Generated samples.")
+    flags.DEFINE_integer("hidden", 64, "Width of the DEQ state.")
+    flags.DEFINE_enum(
+        "solver", "broyden", keras_deq.solvers.names(), "Forward solver."
+    )
+    flags.DEFINE_integer("max_iter", 20, "Forward solver iterations.")
+    flags.DEFINE_float("tol", 1e-3, "Forward relative tolerance.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
 @keras.saving.register_keras_serializable(package="keras_deq_examples")
@@ -132,14 +138,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     result = run(
-        epochs=_EPOCHS.value,
-        batch_size=_BATCH_SIZE.value,
-        num_samples=_NUM_SAMPLES.value,
-        hidden=_HIDDEN.value,
-        solver=_SOLVER.value,
-        max_iter=_MAX_ITER.value,
-        tol=_TOL.value,
-        seed=_SEED.value,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
+        num_samples=FLAGS.num_samples,
+        hidden=FLAGS.hidden,
+        solver=FLAGS.solver,
+        max_iter=FLAGS.max_iter,
+        tol=FLAGS.tol,
+        seed=FLAGS.seed,
     )
     print(
         f"held-out accuracy {result['val_accuracy']:.3f} | forward NFE "
@@ -151,4 +157,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

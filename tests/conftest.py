@@ -33,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy over the two logical CPUs for the whole run.
+
+    Several strategies over the same devices in one process reuse collective
+    keys, and their all-reduces then meet the wrong partners ("Shape
+    mismatch in the collective instance"); tests share this one instead.
+    """
+    devices = tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     import keras

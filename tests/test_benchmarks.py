@@ -53,10 +53,22 @@ def test_training_step_script(tmp_path):
     data, stdout = run_module(
         "training_step", tmp_path, "--iters=3", "--cells=mlp"
     )
-    modes = {r["mode"]: r for r in data["results"]}
-    assert set(modes) == {"implicit", "phantom", "unrolled"}
-    assert modes["unrolled"]["ratio_to_unrolled"] == 1.0
-    for r in modes.values():
+    runs = {(r["mode"], r["jacobian"]): r for r in data["results"]}
+    assert set(runs) == {
+        (mode, jac)
+        for mode in ("implicit", "phantom", "unrolled")
+        for jac in (False, True)
+    }
+    for (mode, jac), r in runs.items():
         assert r["step_seconds"]["median"] > 0
         assert r["iters"] == 3
-    assert "/ unrolled" in stdout
+        assert r["ratio_to_unrolled"] == (
+            r["step_seconds"]["median"]
+            / runs["unrolled", jac]["step_seconds"]["median"]
+        )
+        assert r["ratio_to_penalty_off"] == (
+            r["step_seconds"]["median"]
+            / runs[mode, False]["step_seconds"]["median"]
+        )
+    assert runs["unrolled", False]["ratio_to_unrolled"] == 1.0
+    assert "/ unrolled" in stdout and "/ off" in stdout

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -24,13 +25,9 @@ def test_quickstart_learns_and_converges():
     assert np.median(rel) < 1e-3
 
 
-def run_script(*args):
+def run_script(script, *args):
     return subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "examples", "quickstart.py"),
-            *args,
-        ],
+        [sys.executable, os.path.join(REPO, "examples", script), *args],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -39,12 +36,68 @@ def run_script(*args):
 
 
 def test_quickstart_command_line():
-    done = run_script("--epochs=1", "--num_samples=300", "--solver=anderson")
+    done = run_script(
+        "quickstart.py", "--epochs=1", "--num_samples=300", "--solver=anderson"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "held-out accuracy" in done.stdout
 
 
 def test_quickstart_rejects_stray_arguments():
-    done = run_script("extra")
+    done = run_script("quickstart.py", "extra")
     assert done.returncode != 0
     assert "Unexpected arguments: ['extra']" in done.stderr
+
+
+def test_synthetic_1d_study(tmp_path):
+    from examples import synthetic_1d
+
+    result = synthetic_1d.run(
+        gammas=(0.0, 4.0), epochs=6, output_dir=str(tmp_path)
+    )
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["rows"] == result["rows"]
+    with open(tmp_path / "figure5.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    x, y = synthetic_1d.make_data(0)
+    x_val, y_val = x[synthetic_1d.NUM_TRAIN :], y[synthetic_1d.NUM_TRAIN :]
+    for row in result["rows"]:
+        block = result["models"][row["gamma"]].get_layer("deq").block
+        # An independent equilibrium: 400 damped iterations (a contraction
+        # for |∂f/∂z| < 1), then the slope by central differences.
+        z = np.zeros_like(x_val)
+        for _ in range(400):
+            z = 0.5 * z + 0.5 * block(z, x_val).numpy()
+        assert np.max(np.abs(block(z, x_val).numpy() - z)) < 1e-4
+        mse = float(np.mean((z - y_val) ** 2))
+        np.testing.assert_allclose(row["val_mse"], mse, rtol=0.05)
+        h = 1e-2
+        slope = (block(z + h, x_val).numpy() - block(z - h, x_val).numpy()) / (
+            2 * h
+        )
+        np.testing.assert_allclose(
+            row["mean_abs_slope"], np.mean(np.abs(slope)), rtol=0.02
+        )
+        assert 1 <= row["broyden_steps"] <= row["fixed_point_steps"] <= 100
+    plain, penalised = result["rows"]
+    # The penalty flattens f at z*, and plain iteration gets faster.
+    assert penalised["mean_abs_slope"] < 0.8 * plain["mean_abs_slope"]
+    assert penalised["fixed_point_steps"] < plain["fixed_point_steps"]
+
+
+def test_synthetic_1d_command_line(tmp_path):
+    done = run_script(
+        "synthetic_1d.py",
+        "--gammas=0,2",
+        "--epochs=1",
+        "--noplot",
+        f"--output_dir={tmp_path}",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fixed-point steps" in done.stdout
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["gamma"] for r in rows] == [0.0, 2.0]
+    bad = run_script("synthetic_1d.py", "--gammas=zero")
+    assert bad.returncode != 0
+    assert "--gammas must be numbers" in bad.stderr

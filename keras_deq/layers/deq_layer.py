@@ -229,6 +229,7 @@ class DEQLayer(keras.layers.Layer):
                 self.add_weight(
                     shape=(),
                     initializer=keras.initializers.Constant(value),
+                    dtype="float32",
                     trainable=False,
                     autocast=False,
                     name=name,

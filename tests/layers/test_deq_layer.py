@@ -207,19 +207,16 @@ def test_mixed_precision_solves_in_float32_and_returns_float16():
     assert history.history["deq_layer_1_backward_residual"][-1] < 1e-4
 
 
-def test_mirrored_strategy_matches_single_device():
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2, "conftest splits the CPU into two devices"
+def test_mirrored_strategy_matches_single_device(mirrored):
     x, y = data(n=16)
     keras.utils.set_random_seed(3)
     single = one_step_weights(classifier(), x, y)
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
     keras.utils.set_random_seed(3)
-    with strategy.scope():
+    with mirrored.scope():
         model = classifier()
-        mirrored = one_step_weights(model, x, y)
-    assert strategy.num_replicas_in_sync == 2
-    for a, b in zip(single, mirrored, strict=True):
+        replicated = one_step_weights(model, x, y)
+    assert mirrored.num_replicas_in_sync == 2, "conftest makes two CPUs"
+    for a, b in zip(single, replicated, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # Both replicas reported their statistics.
     assert model.get_layer("deq").backward_nfe.count.numpy() == 16

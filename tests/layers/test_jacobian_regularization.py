@@ -162,9 +162,8 @@ def test_gamma_and_p_change_without_retracing():
     assert call.experimental_get_tracing_count() == 1
 
 
-def test_penalty_under_mirrored_strategy():
-    devices = tf.config.list_logical_devices("CPU")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+def test_penalty_under_mirrored_strategy(mirrored):
+    strategy = mirrored
     with strategy.scope():
         layer = keras_deq.DEQLayer(
             LinearCell(trainable_a=False), jac_weight=2.0, name="deq"
