@@ -162,7 +162,6 @@ class JacobianSchedule(_DEQCallback):
             else validation.check_int("stop_epoch", stop_epoch, 0)
         )
         self._epoch = 0
-        self._step = 0
 
     def _apply(self, progress: float):
         stopped = self.stop_epoch is not None and self._epoch >= self.stop_epoch
@@ -174,10 +173,6 @@ class JacobianSchedule(_DEQCallback):
                     _ramp(self.freq_start, self.freq_end, progress)
                 )
 
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._step = int(_value(self.model.optimizer.iterations))
-
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         if self.epochs is not None:
@@ -185,10 +180,10 @@ class JacobianSchedule(_DEQCallback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.steps is not None:
-            self._apply(self._step / self.steps)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
+            # The optimizer's count survives BackupAndRestore and counts
+            # every step when `steps_per_execution` > 1.
+            step = _value(self.model.optimizer.iterations)
+            self._apply(step / self.steps)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
