@@ -242,34 +242,23 @@ def run(
     """Trains one model per γ; returns {"rows": [...], "models": {...}}."""
     x, y = make_data(seed, linear_coef)
     data = (x[:NUM_TRAIN], y[:NUM_TRAIN]), (x[NUM_TRAIN:], y[NUM_TRAIN:])
+    config = dict(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        jac_freq=jac_freq,
+        train_nfe=train_nfe,
+        hidden=hidden,
+        seed=seed,
+    )
     rows, models = [], {}
     for gamma in gammas:
-        model, _, stats = train_one(
-            gamma,
-            data,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            jac_freq=jac_freq,
-            train_nfe=train_nfe,
-            hidden=hidden,
-            seed=seed,
-            verbose=verbose,
-        )
+        model, _, stats = train_one(gamma, data, verbose=verbose, **config)
         rows.append({"gamma": float(gamma), **stats})
         models[float(gamma)] = model
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        config = dict(
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            jac_freq=jac_freq,
-            train_nfe=train_nfe,
-            hidden=hidden,
-            linear_coef=linear_coef,
-            seed=seed,
-        )
+        config["linear_coef"] = linear_coef
         with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump({"config": config, "rows": rows}, f, indent=2)
         if plot:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from keras_deq import jacobian
 from keras_deq.solvers import SolverResult
 
 GRADIENTS = ("implicit", "phantom", "unrolled")
@@ -50,17 +51,7 @@ def implicit(
     Reference:
         Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019, §3.1.
     """
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(z_star)
-        z_out = f(z_star)
-
-    def vjp(u):
-        return tape.gradient(
-            z_out,
-            z_star,
-            output_gradients=u,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+    z_out, vjp = jacobian.linearize(f, z_star)
 
     @tf.custom_gradient
     def attach(z):

@@ -13,6 +13,33 @@ import tensorflow as tf
 from keras_deq.utils import validation
 
 
+def linearize(
+    f: Callable[[tf.Tensor], tf.Tensor], z: tf.Tensor
+) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
+    """Evaluates f(z) once and returns it with its vector-Jacobian product.
+
+    `vjp(u)` is uᵀ J_f(z) (sample by sample for a per-sample f), computed
+    from the single recorded evaluation, as often as needed. Under an outer
+    `tf.GradientTape` the products are themselves differentiable.
+
+    Returns:
+        `(f(z), vjp)`.
+    """
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z)
+        fz = f(z)
+
+    def vjp(u):
+        return tape.gradient(
+            fz,
+            z,
+            output_gradients=u,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    return fz, vjp
+
+
 def frobenius_estimate(
     f: Callable[[tf.Tensor], tf.Tensor],
     z: tf.Tensor,
@@ -54,21 +81,12 @@ def frobenius_estimate(
         raise ValueError(
             f"`z` must have shape [batch, d]. Received shape {z.shape}."
         )
-    with tf.GradientTape(persistent=num_samples > 1) as tape:
-        tape.watch(z)
-        fz = f(z)
+    _, vjp = linearize(f, z)
     d = tf.cast(tf.shape(z)[-1], z.dtype)
     total = tf.zeros(tf.shape(z)[:1], z.dtype)
     for m in range(num_samples):
         eps = _normal(tf.shape(z), z.dtype, seed, m)
-        vjp = tape.gradient(
-            fz,
-            z,
-            output_gradients=eps,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        total += tf.reduce_sum(tf.square(vjp), axis=-1)
-    del tape
+        total += tf.reduce_sum(tf.square(vjp(eps)), axis=-1)
     return total / (num_samples * d)
 
 
@@ -101,17 +119,7 @@ def spectral_radius(
     """
     validation.check_int("num_iters", num_iters, 2)
     z = tf.stop_gradient(tf.convert_to_tensor(z))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(z)
-        fz = f(z)
-
-    def vjp(v):
-        return tape.gradient(
-            fz,
-            z,
-            output_gradients=v,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+    _, vjp = linearize(f, z)
 
     def normalize(v):
         return tf.math.divide_no_nan(v, tf.norm(v, axis=-1, keepdims=True))

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_deq
+from tests import numerics
 from tests.blocks import TanhCell
 from tests.blocks import TwoResolutionCell
 
@@ -41,19 +42,9 @@ def tape_gradients(layer, x, loss_fn=weighted_sum):
 
 def central_differences(layer, x, eps=1e-6, loss_fn=weighted_sum):
     loss = tf.function(lambda: loss_fn(layer(x, training=False)))
-    grads = []
-    for var in [x] + layer.trainable_variables:
-        value = var.numpy()
-        grad = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
-            for sign in (1, -1):
-                bumped = value.copy()
-                bumped[index] += sign * eps
-                var.assign(bumped)
-                grad[index] += sign * loss().numpy() / (2 * eps)
-        var.assign(value)
-        grads.append(grad)
-    return grads
+    return numerics.central_differences(
+        lambda: loss().numpy(), [x] + layer.trainable_variables, eps
+    )
 
 
 def assert_close_relative(actual, expected, rtol):
