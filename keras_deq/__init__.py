@@ -13,6 +13,7 @@ from keras_deq import callbacks  # noqa: E402
 from keras_deq import gradients  # noqa: E402
 from keras_deq import jacobian  # noqa: E402
 from keras_deq import layers  # noqa: E402
+from keras_deq import models  # noqa: E402
 from keras_deq import solvers  # noqa: E402
 from keras_deq.layers import DEQLayer  # noqa: E402
 
@@ -24,5 +25,6 @@ __all__ = [
     "gradients",
     "jacobian",
     "layers",
+    "models",
     "solvers",
 ]

@@ -339,6 +339,73 @@ class AdaptiveJacobian(_DEQCallback):
         }
 
 
+class UnrolledPretraining(_DEQCallback):
+    """Trains the first `steps` steps with unrolled gradients, then implicit.
+
+    The original MDEQ warms up its DEQs this way: for the first steps the
+    DEQLayers run `iters` plain iterations of the block and backpropagate
+    through them (`gradient="unrolled"`), which is stable from any
+    initialisation; after that they switch back to the gradient, solver
+    settings and `max_iter` they were built with. Each switch retraces the
+    training step once. The switch follows the optimizer's step count, so
+    a resumed run picks up in the right phase.
+
+    Args:
+        steps: number of unrolled steps.
+        iters: unrolled iterations per step. Defaults to `None` (each
+            layer's `max_iter`).
+        layers: names of the DEQLayers to pretrain. Defaults to all.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        iters: int | None = None,
+        layers: Sequence[str] | None = None,
+    ):
+        super().__init__(layers)
+        self.steps = validation.check_int("steps", steps, 0)
+        self.iters = (
+            None if iters is None else validation.check_int("iters", iters, 1)
+        )
+        self._saved = None
+
+    def _switch(self, unrolled: bool, rebuild: bool = True):
+        for layer in self.targets():
+            if unrolled:
+                self._saved[layer.name] = (layer.gradient, layer.max_iter)
+                layer.gradient = "unrolled"
+                layer.max_iter = self.iters or layer.max_iter
+            else:
+                layer.gradient, layer.max_iter = self._saved.pop(layer.name)
+        if rebuild:  # `fit` calls model.train_function afresh every step
+            self.model.make_train_function(force=True)
+        else:  # rebuilt lazily by the next `fit`
+            self.model.train_function = None
+
+    def _step(self):
+        return int(_value(self.model.optimizer.iterations))
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._saved = {}
+        if self._step() < self.steps:
+            self._switch(True)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._saved and self._step() >= self.steps:
+            self._switch(False)
+
+    def on_train_end(self, logs=None):
+        if self._saved:
+            self._switch(False, rebuild=False)
+
+    @property
+    def pretraining(self) -> bool:
+        """Whether the layers currently use unrolled gradients."""
+        return bool(self._saved)
+
+
 class SpectralRadiusMonitor(_DEQCallback):
     """Logs the mean ρ(J_f(z*)) on a held-out batch every few epochs.
 
@@ -409,5 +476,6 @@ __all__ = [
     "AdaptiveJacobian",
     "JacobianSchedule",
     "SpectralRadiusMonitor",
+    "UnrolledPretraining",
     "find_deq_layers",
 ]

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import keras_deq
+
 
 def contraction(rng, n, norm):
     """An n×n matrix with spectral norm `norm`."""
@@ -116,4 +118,39 @@ class LinearCell(keras.layers.Layer):
         config.update(
             norm=self.norm, seed=self.seed, trainable_a=self.trainable_a
         )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class DropoutCell(keras.layers.Layer):
+    """f(z, x) = tanh(drop(z) W + x U): variational dropout on the state."""
+
+    def __init__(self, units=6, rate=0.3, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.rate = rate
+        self.seed = seed
+        self.drop = keras_deq.layers.VariationalDropout(rate, seed=seed)
+
+    def build(self, z_shape, x_shape):
+        rng = np.random.default_rng(self.seed)
+        w = contraction(rng, self.units, 0.5)
+        u = rng.normal(size=(x_shape[-1], self.units))
+        self.w = self.add_weight(
+            shape=w.shape, initializer=keras.initializers.Constant(w), name="w"
+        )
+        self.u = self.add_weight(
+            shape=u.shape, initializer=keras.initializers.Constant(u), name="u"
+        )
+        self.drop.build(z_shape)
+
+    def initial_state(self, x):
+        return tf.zeros([tf.shape(x)[0], self.units], x.dtype)
+
+    def call(self, z, x, training=None):
+        return tf.tanh(self.drop(z, training=training) @ self.w + x @ self.u)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, rate=self.rate, seed=self.seed)
         return config

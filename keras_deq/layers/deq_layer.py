@@ -1,5 +1,6 @@
 """DEQLayer: the fixed point of a Keras layer, as a Keras layer."""
 
+import contextlib
 import weakref
 
 import keras
@@ -8,6 +9,7 @@ import tensorflow as tf
 from keras_deq import gradients
 from keras_deq import jacobian
 from keras_deq import solvers
+from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 from keras_deq.utils.state import StateFlattener
@@ -272,17 +274,36 @@ class DEQLayer(keras.layers.Layer):
             return tf.float64
         return tf.float32
 
-    def _flat_block(self, x, z0, training):
+    def _dropouts(self):
+        return [
+            layer
+            for layer in self.block._flatten_layers(include_self=True)
+            if isinstance(layer, VariationalDropout) and layer.rate > 0
+        ]
+
+    def _sample_masks(self, x, training):
+        """One mask per VariationalDropout in the block, for this call."""
+        dropouts = self._dropouts()
+        if not training or not dropouts:
+            return None
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        return [d.sample_mask(batch, self.compute_dtype) for d in dropouts]
+
+    def _flat_block(self, x, z0, training, masks=None):
         flattener = StateFlattener(z0, self._solver_dtype)
+        dropouts = self._dropouts() if masks is not None else []
 
         def f(z):
-            out = self.block(flattener.unflatten(z), x, training=training)
+            with contextlib.ExitStack() as stack:
+                for dropout, mask in zip(dropouts, masks or [], strict=True):
+                    stack.enter_context(dropout.fixed_mask(mask))
+                out = self.block(flattener.unflatten(z), x, training=training)
             return flattener.flatten(out)
 
         return f, flattener
 
-    def _forward_solve(self, x, z0, training):
-        f, flattener = self._flat_block(x, z0, training)
+    def _forward_solve(self, x, z0, training, masks=None):
+        f, flattener = self._flat_block(x, z0, training, masks)
         solve = solvers.get(self.solver)
         result = solve(
             f, flattener.flatten(z0), self.max_iter, self.tol, self.stop_mode
@@ -291,7 +312,11 @@ class DEQLayer(keras.layers.Layer):
 
     def call(self, x, training=None):
         z0 = self._initial_state(x)
-        f, flattener = self._flat_block(x, z0, training)
+        # Every evaluation of the block in this call (forward iterations,
+        # the one at z* that the backward uses, the Jacobian penalty) sees
+        # the same dropout masks.
+        masks = self._sample_masks(x, training)
+        f, flattener = self._flat_block(x, z0, training, masks)
         if self.gradient == "unrolled":
             z, z_prev = gradients.unrolled(
                 f, flattener.flatten(z0), self.max_iter
@@ -301,9 +326,9 @@ class DEQLayer(keras.layers.Layer):
             z_star = tf.stop_gradient(z)
         else:
             if tf.executing_eagerly():
-                result = self._eager_solve(x, z0, bool(training))
+                result = self._eager_solve(x, z0, bool(training), masks)
             else:
-                result = self._forward_solve(x, z0, training)
+                result = self._forward_solve(x, z0, training, masks)
             z_star, nstep, rel_res = result.z, result.nstep, result.rel_residual
             if self.gradient == "implicit":
                 z = gradients.implicit(
@@ -346,12 +371,12 @@ class DEQLayer(keras.layers.Layer):
             tf.cast(value, tf.float32), sample_weight=tf.cast(gate, tf.float32)
         )
 
-    def _eager_solve(self, x, z0, training):
+    def _eager_solve(self, x, z0, training, masks=None):
         fn = _EAGER_SOLVES.get(self)
         if fn is None:
             fn = tf.function(self._forward_solve, reduce_retracing=True)
             _EAGER_SOLVES[self] = fn
-        return fn(x, z0, training)
+        return fn(x, z0, training, masks)
 
     def spectral_radius(self, x, num_iters: int = 50) -> tf.Tensor:
         """Power-method estimate of ρ(J_f(z*)) at the equilibrium of `x`.

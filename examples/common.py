@@ -1,0 +1,122 @@
+"""What the training examples share: strategy, callbacks, export, errors."""
+
+import os
+import sys
+
+import keras
+import tensorflow as tf
+from absl import flags
+
+from keras_deq.utils import distribute
+
+FLAGS = flags.FLAGS
+
+
+class DataNotFoundError(Exception):
+    """A data set is not on this machine; the message says how to get it."""
+
+
+def define_training_flags(epochs, batch_size, learning_rate):
+    """Flags every training example has, with the example's defaults."""
+    flags.DEFINE_string("data_dir", None, "Where the data set lives.")
+    flags.DEFINE_string(
+        "model_dir",
+        "runs",
+        "Backups (for resuming), the best checkpoint and TensorBoard logs.",
+    )
+    flags.DEFINE_string(
+        "export_dir", None, "If set, write a SavedModel here at the end."
+    )
+    flags.DEFINE_integer("epochs", epochs, "Training epochs.")
+    flags.DEFINE_integer(
+        "batch_size", batch_size, "Global batch size (over all replicas)."
+    )
+    flags.DEFINE_float("learning_rate", learning_rate, "Adam start rate.")
+    flags.DEFINE_integer(
+        "steps_per_epoch", None, "Limit the steps per epoch (for trials)."
+    )
+    flags.DEFINE_integer(
+        "validation_steps", None, "Limit the validation steps (for trials)."
+    )
+    flags.DEFINE_enum(
+        "strategy",
+        "auto",
+        list(distribute.STRATEGIES),
+        "auto: MirroredStrategy on >1 GPU, else default; mirrored; "
+        "multi_worker (TF_CONFIG); one_device.",
+    )
+    flags.DEFINE_integer(
+        "cpu_devices",
+        None,
+        "Split the CPU into this many logical devices first (to run "
+        "--strategy=mirrored without GPUs).",
+    )
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0, 1, 2).")
+
+
+def make_strategy(strategy, cpu_devices=None):
+    """A strategy from its name (or the strategy itself, passed through)."""
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    if cpu_devices:
+        distribute.split_cpu(cpu_devices)
+    return distribute.make_strategy(strategy)
+
+
+def training_callbacks(strategy, model_dir, monitor, mode, extra=()):
+    """BackupAndRestore, best-model checkpoint and TensorBoard, per worker.
+
+    Workers other than the chief write to their own scratch directories,
+    as multi-worker training requires.
+    """
+    if not distribute.is_chief(strategy):
+        task = strategy.cluster_resolver.task_id
+        model_dir = os.path.join(model_dir, f"worker_{task}_scratch")
+    os.makedirs(model_dir, exist_ok=True)
+    return [
+        keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(model_dir, "best.keras"),
+            monitor=monitor,
+            mode=mode,
+            save_best_only=True,
+        ),
+        *extra,
+        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
+    ]
+
+
+def export(model, strategy, export_dir):
+    """Writes a SavedModel whose `serve` endpoint runs the DEQ solve."""
+    if not export_dir:
+        return None
+    if not distribute.is_chief(strategy):
+        export_dir = os.path.join(
+            export_dir + "_scratch",
+            f"worker_{strategy.cluster_resolver.task_id}",
+        )
+    model.export(export_dir, verbose=False)
+    return export_dir
+
+
+def distribute_options(dataset):
+    """Shards by element, so any file layout splits across workers."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return dataset.with_options(options)
+
+
+def exit_on_missing_data(main):
+    """Turns DataNotFoundError into its message and exit status 2."""
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except DataNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped

@@ -1,0 +1,92 @@
+"""Variational (recurrent) dropout: one mask for a whole fixed-point solve."""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from keras_deq.utils import validation
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class VariationalDropout(keras.layers.Layer):
+    """Dropout whose mask stays fixed for a whole DEQ solve.
+
+    Ordinary dropout draws a new mask on every call, so inside a DEQ block
+    the map f would change from one solver iteration to the next and have
+    no fixed point. Inside a `DEQLayer`, this layer's mask is drawn once per
+    `DEQLayer` call and used by every evaluation of the block in it: each
+    forward iteration, the evaluation at z* that the backward pass
+    differentiates, and the Jacobian penalty. The next call draws a new
+    mask. Used outside a `DEQLayer`, it draws a mask per call.
+
+    The mask is per sample and per channel (the last axis) and shared over
+    the other axes, as in the variational dropout of DEQ-Transformer and
+    MDEQ: `[B, C]` for 2-D inputs, `[B, 1, C]` for sequences, `[B, 1, 1, C]`
+    for images. Kept units are scaled by 1 / (1 − rate). At inference
+    (`training` false) the layer is the identity.
+
+    Args:
+        rate: fraction of channels to drop, in [0, 1).
+        seed: int seed of the masks. Defaults to `None`.
+        **kwargs: base layer arguments.
+
+    Reference:
+        Gal & Ghahramani, "A Theoretically Grounded Application of Dropout
+        in Recurrent Neural Networks", NeurIPS 2016.
+    """
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = validation.check_range("rate", rate, 0, 1)
+        if self.rate == 1:
+            raise ValueError(
+                "`rate` must be in [0, 1): a rate of 1 drops everything. "
+                f"Received: rate={rate}"
+            )
+        if seed is not None:
+            validation.check_int("seed", seed, 0)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self._fixed_mask = None
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(
+                "VariationalDropout needs inputs of rank >= 2 (batch and "
+                f"channels). Received input shape {input_shape}."
+            )
+        self._rank = len(input_shape)
+        self._channels = input_shape[-1]
+        self.built = True
+
+    def sample_mask(self, batch_size, dtype="float32"):
+        """A new mask, `[batch_size, 1, ..., 1, channels]`, scaled."""
+        shape = [batch_size] + [1] * (self._rank - 2) + [self._channels]
+        keep = 1.0 - self.rate
+        draw = keras.random.uniform(shape, seed=self.seed_generator)
+        return tf.cast(draw < keep, dtype) / tf.cast(keep, dtype)
+
+    @contextlib.contextmanager
+    def fixed_mask(self, mask):
+        """Makes every call inside the context use `mask`."""
+        previous, self._fixed_mask = self._fixed_mask, mask
+        try:
+            yield
+        finally:
+            self._fixed_mask = previous
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0:
+            return inputs
+        mask = self._fixed_mask
+        if mask is None:
+            mask = self.sample_mask(tf.shape(inputs)[0])
+        return inputs * tf.cast(mask, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}

@@ -1,0 +1,116 @@
+"""MDEQClassifier: structure, serialization, export, pretraining switch."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_deq
+from keras_deq.models import MDEQClassifier
+
+SMALL = dict(widths=(8, 16), expansion=1, num_groups=4, seed=0)
+
+
+def images(n=4, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, size, size, 3)).astype("float32")
+
+
+def test_default_model_has_four_resolutions_and_table4_settings():
+    model = MDEQClassifier(10)
+    deq = model.get_layer("deq")
+    shapes = [tuple(t.shape) for t in deq.output]
+    assert shapes == [
+        (None, 32, 32, 28),
+        (None, 16, 16, 56),
+        (None, 8, 8, 112),
+        (None, 4, 4, 224),
+    ]
+    assert model.output.shape == (None, 10)
+    assert (deq.solver, deq.max_iter, deq.tol) == ("broyden", 7, 1e-3)
+    assert (deq.backward_max_iter, deq.backward_tol) == (8, 1e-4)
+    assert float(deq.jac_weight.numpy()) == 0.5
+    np.testing.assert_allclose(deq.jac_freq.numpy(), 0.05)
+    dropouts = deq._dropouts()
+    assert len(dropouts) == 4 and all(d.rate == 0.25 for d in dropouts)
+    wn = [
+        layer
+        for layer in deq.block._flatten_layers()
+        if isinstance(layer, keras_deq.layers.WeightNormalization)
+    ]
+    # Two per branch; fusion: 10 strided convs down, 6 1×1 convs up.
+    assert len(wn) == 4 * 2 + 10 + 6
+    # 6,911,392 parameters: widths 28/56/112/224 with expansion 5.
+    assert model.count_params() == 6_911_392
+
+
+def test_forward_output_is_a_fixed_point_of_the_block():
+    model = MDEQClassifier(3, max_iter=60, tol=1e-5, **SMALL)
+    x = images()
+    deq = model.get_layer("deq")
+    injections = keras.Model(model.input, deq.input)(x)
+    z = deq(injections)
+    fz = deq.block(z, injections)
+    for a, b in zip(z, fz, strict=True):
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel < 1e-4, rel
+
+
+def test_keras_file_and_saved_model_give_identical_predictions(tmp_path):
+    model = MDEQClassifier(3, **SMALL)
+    x = images(5)
+    expected = model.predict(x, verbose=0)
+    path = str(tmp_path / "mdeq.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, MDEQClassifier)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), expected, atol=1e-5
+    )
+    model.export(str(tmp_path / "export"), verbose=False)
+    reloaded = tf.saved_model.load(str(tmp_path / "export"))
+    np.testing.assert_allclose(reloaded.serve(x).numpy(), expected, atol=1e-5)
+
+
+def test_unrolled_pretraining_switches_after_the_given_steps():
+    model = MDEQClassifier(3, **SMALL)
+    deq = model.get_layer("deq")
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(
+            (deq.gradient, deq.max_iter)
+        )
+    )
+    x, y = images(12), np.arange(12) % 3
+    history = model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras_deq.callbacks.UnrolledPretraining(4, 2), record],
+    ).history
+    assert seen == [("unrolled", 2)] * 4 + [("implicit", 7)] * 2
+    assert (deq.gradient, deq.max_iter) == ("implicit", 7)
+    # Epoch 1 ran 3 unrolled steps of 2 iterations.
+    assert history["deq_forward_nfe"][0] == 2.0
+    assert np.all(np.isfinite(history["loss"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(widths=(8, 14)), "divisible by `num_groups`=4"),
+        (dict(widths=()), "non-empty sequence"),
+        (dict(widths=(8, 16), input_shape=(31, 32, 3)), "divisible by 2"),
+        (dict(num_classes=1), "num_classes"),
+    ],
+)
+def test_bad_configuration(kwargs, pattern):
+    kwargs = {"num_classes": 10, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        MDEQClassifier(**kwargs)

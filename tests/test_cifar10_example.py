@@ -1,0 +1,130 @@
+"""examples/cifar10_mdeq.py on mock CIFAR-10: pipeline, strategies, errors."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from examples import cifar10_mdeq
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(
+    epochs=1,
+    batch_size=16,
+    steps_per_epoch=2,
+    validation_steps=1,
+    widths=(8, 16),
+    expansion=1,
+    verbose=0,
+)
+
+
+def tensorboard_tags(log_dir):
+    tags = set()
+    for path in glob.glob(
+        os.path.join(log_dir, "**", "events*"), recursive=True
+    ):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def test_one_epoch_on_mock_data_through_the_real_pipeline(tmp_path):
+    with tfds.testing.mock_data(num_examples=64):
+        batch = next(
+            iter(cifar10_mdeq.make_dataset(str(tmp_path), "train", 16, True))
+        )
+        result = cifar10_mdeq.run(
+            str(tmp_path / "data"),
+            model_dir=str(tmp_path / "run"),
+            export_dir=str(tmp_path / "export"),
+            **TINY,
+        )
+    images, labels = batch
+    assert images.shape == (16, 32, 32, 3) and labels.shape == (16,)
+    # Normalised with the CIFAR-10 channel statistics.
+    assert (
+        -3 < float(tf.reduce_min(images)) < 0 < float(tf.reduce_max(images)) < 3
+    )
+    history = result["history"]
+    for key in [
+        "loss",
+        "accuracy",
+        "val_accuracy",
+        "deq_forward_nfe",
+        "deq_forward_residual",
+        "deq_backward_nfe",
+        "deq_jac_loss",
+    ]:
+        assert np.isfinite(history[key][0]), key
+    assert 1 <= history["deq_forward_nfe"][0] <= 7
+    assert os.path.exists(tmp_path / "run" / "best.keras")
+    tags = tensorboard_tags(str(tmp_path / "run" / "logs"))
+    assert "epoch_deq_forward_nfe" in tags and "epoch_accuracy" in tags
+    served = tf.saved_model.load(result["export_dir"])
+    model = result["model"]
+    np.testing.assert_allclose(
+        served.serve(images).numpy(),
+        model.predict(images, verbose=0),
+        atol=1e-5,
+    )
+
+
+def test_mirrored_strategy_on_two_cpus(tmp_path, mirrored):
+    with tfds.testing.mock_data(num_examples=64):
+        result = cifar10_mdeq.run(
+            str(tmp_path / "data"),
+            model_dir=str(tmp_path / "run"),
+            strategy=mirrored,
+            **TINY,
+        )
+    assert mirrored.num_replicas_in_sync == 2
+    model = result["model"]
+    assert model.distribute_strategy is mirrored
+    history = result["history"]
+    assert np.isfinite(history["loss"][0])
+    assert 1 <= history["deq_forward_nfe"][0] <= 7
+    # Every variable has one copy per replica.
+    for w in model.get_layer("deq").block.trainable_weights:
+        assert len(w.value.values) == 2
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "cifar10_mdeq.py"),
+            f"--data_dir={tmp_path}",
+            f"--model_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"--data_dir='{tmp_path}'" in done.stderr
+    assert "download_and_prepare()" in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--widths=8,x", "--strategy=tpu"])
+def test_bad_flags(tmp_path, flag):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "cifar10_mdeq.py"),
+            flag,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert flag.split("=")[0] in done.stderr
