@@ -175,6 +175,7 @@ def run(
                 pretrain_steps, pretrain_iters
             )
         )
+    common.prepare_for_multi_worker(model, strategy, train)
     history = model.fit(
         train,
         validation_data=test,

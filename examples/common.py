@@ -87,6 +87,31 @@ def training_callbacks(strategy, model_dir, monitor, mode, extra=()):
     ]
 
 
+def prepare_for_multi_worker(model, strategy, dataset):
+    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy.
+
+    Before training, `fit` builds the model's metrics from the first batch,
+    which it averages over replicas with `strategy.reduce`; with several
+    workers that call fails on the per-replica batch ("Attempt to convert a
+    value (PerReplica...)", keras-team/keras#20585). The build only needs
+    the batch's shapes, so this does it here from one local batch and makes
+    `fit` skip its own. After each step `fit` then averages the scalar logs
+    over workers with `strategy.reduce(..., axis=0)`, which fails on
+    scalars; with this patch the logs are averaged over each worker's local
+    replicas instead. Training itself (gradient all-reduce, weight updates)
+    is untouched and identical on every worker.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    from keras.src.backend.tensorflow import trainer
+
+    batch = next(iter(dataset))
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    trainer._collective_all_reduce_multi_worker = lambda strategy: False
+
+
 def export(model, strategy, export_dir):
     """Writes a SavedModel whose `serve` endpoint runs the DEQ solve."""
     if not export_dir:

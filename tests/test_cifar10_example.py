@@ -1,10 +1,13 @@
 """examples/cifar10_mdeq.py on mock CIFAR-10: pipeline, strategies, errors."""
 
 import glob
+import json
 import os
+import socket
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -128,3 +131,91 @@ def test_bad_flags(tmp_path, flag):
     )
     assert done.returncode != 0
     assert flag.split("=")[0] in done.stderr
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stops the run like a killed job, after the backup of `epoch`."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt(f"killed after epoch {epoch}")
+
+
+def test_interrupted_run_resumes_from_its_backup(tmp_path):
+    config = dict(TINY, epochs=3, model_dir=str(tmp_path / "run"))
+    with tfds.testing.mock_data(num_examples=64):
+        with pytest.raises(KeyboardInterrupt):
+            cifar10_mdeq.run(
+                str(tmp_path / "data"), callbacks=[Interrupt(1)], **config
+            )
+        assert os.listdir(tmp_path / "run" / "backup")
+        result = cifar10_mdeq.run(str(tmp_path / "data"), **config)
+    history = result["history"]
+    # Epochs 0 and 1 came from the first run; the second ran epoch 2 only.
+    assert len(history["loss"]) == 1
+    assert np.isfinite(history["loss"][0])
+    model = result["model"]
+    assert (
+        int(model.optimizer.iterations.numpy()) == 3 * TINY["steps_per_epoch"]
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_worker_training_ends_with_identical_weights(tmp_path):
+    ports = [free_port(), free_port()]
+    config = dict(
+        TINY,
+        epochs=2,
+        data_dir=str(tmp_path / "data"),
+        model_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "export"),
+        strategy="multi_worker",
+    )
+    workers = []
+    for index in range(2):
+        tf_config = {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.mock_cifar_run",
+                    json.dumps(config),
+                    str(tmp_path / f"weights{index}.npz"),
+                ],
+                cwd=REPO,
+                env={
+                    **os.environ,
+                    "TF_CPP_MIN_LOG_LEVEL": "3",
+                    "TF_CONFIG": json.dumps(tf_config),
+                },
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    first = np.load(tmp_path / "weights0.npz")
+    second = np.load(tmp_path / "weights1.npz")
+    assert first.files == second.files
+    for key in first.files:
+        np.testing.assert_array_equal(first[key], second[key])
+    # Training moved the weights, and the chief wrote the export.
+    history = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert len(history["loss"]) == 2 and np.isfinite(history["loss"]).all()
+    assert os.path.exists(tmp_path / "export" / "saved_model.pb")
+    assert os.path.exists(tmp_path / "run" / "worker_1_scratch")

@@ -46,6 +46,10 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     - `"one_device"`: `OneDeviceStrategy` on the first GPU, else the CPU.
     """
     validation.check_choice("strategy", name, STRATEGIES)
+    if name == "multi_worker":
+        # Before anything that starts TensorFlow's runtime (even listing
+        # devices): collectives can only be configured at startup.
+        return _multi_worker()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         if len(gpus) > 1:
@@ -54,21 +58,22 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ValueError(
-                "strategy='multi_worker' needs the TF_CONFIG environment "
-                "variable (cluster and task of this worker), e.g. "
-                + json.dumps(
-                    {
-                        "cluster": {"worker": ["host1:12345", "host2:12345"]},
-                        "task": {"type": "worker", "index": 0},
-                    }
-                )
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
     device = gpus[0].name if gpus else "/cpu:0"
     return tf.distribute.OneDeviceStrategy(device)
+
+
+def _multi_worker():
+    if "TF_CONFIG" not in os.environ:
+        example = {
+            "cluster": {"worker": ["host1:12345", "host2:12345"]},
+            "task": {"type": "worker", "index": 0},
+        }
+        raise ValueError(
+            "strategy='multi_worker' needs the TF_CONFIG environment "
+            "variable (the cluster and this worker's task), e.g. "
+            f"TF_CONFIG='{json.dumps(example)}'"
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
