@@ -72,3 +72,20 @@ def test_training_step_script(tmp_path):
         )
     assert runs["unrolled", False]["ratio_to_unrolled"] == 1.0
     assert "/ unrolled" in stdout and "/ off" in stdout
+
+
+def test_mdeq_throughput_script(tmp_path):
+    data, stdout = run_module(
+        "mdeq_throughput",
+        tmp_path,
+        "--widths=4,8",
+        "--expansion=1",
+        "--repeats=1",
+    )
+    off, on = data["results"]
+    assert (off["penalty"], on["penalty"]) == (False, True)
+    for r in (off, on):
+        assert r["batch_size"] == 2
+        assert r["samples_per_second"] == 2 / r["step_seconds"]["median"]
+    assert on["ratio_to_penalty_off"] > 0
+    assert "samples/s" in stdout
