@@ -114,3 +114,12 @@ def test_bad_configuration(kwargs, pattern):
     kwargs = {"num_classes": 10, **kwargs}
     with pytest.raises(ValueError, match=pattern):
         MDEQClassifier(**kwargs)
+
+
+def test_block_is_a_contraction_at_initialisation():
+    """Injection before GN₂ and zero-scale fusion norms: ρ(J_f) < 1."""
+    model = MDEQClassifier(10, widths=(8, 16, 32, 64), expansion=1, seed=0)
+    deq = model.get_layer("deq")
+    injections = keras.Model(model.input, deq.input)(images(4))
+    radius = deq.spectral_radius(injections, num_iters=100).numpy()
+    assert np.all(radius < 0.9), radius
