@@ -8,6 +8,9 @@ DEQ libraries doing identical work:
 - conv: NHWC 32×32×64, batch 32,
   f(z, x) = GN₃(ReLU(z + GN₂(conv₂(ReLU(GN₁(conv₁(z))))) + x)), 3×3 convs
   without bias, weights N(0, 1)/24, GroupNorm with 8 groups and ε = 1e-5.
+- transformer: batch 16, length 128, width 256, 4 heads, FFN 1024 (ReLU),
+  post-LN: u = z + x, h = LN₁(u + MHA(u)), f = LN₂(h + FFN(h)), weights
+  N(0, 1)/16 (the FFN's second matrix N(0, 1)/32), zero biases, no mask.
 """
 
 import keras
@@ -90,9 +93,51 @@ class ConvCell(keras.layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="keras_deq_benchmarks")
+class TransformerCell(keras.layers.Layer):
+    def __init__(self, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+        def init(scale, offset):
+            return keras.initializers.RandomNormal(
+                stddev=1 / scale, seed=seed + offset
+            )
+
+        self.attention = keras.layers.MultiHeadAttention(
+            4, 64, kernel_initializer=init(16, 0), name="attention"
+        )
+        self.ffn1 = keras.layers.Dense(
+            1024, activation="relu", kernel_initializer=init(16, 1), name="ffn1"
+        )
+        self.ffn2 = keras.layers.Dense(
+            256, kernel_initializer=init(32, 2), name="ffn2"
+        )
+        self.norm1, self.norm2 = (
+            keras.layers.LayerNormalization(epsilon=1e-5, name=f"ln{i}")
+            for i in (1, 2)
+        )
+
+    def build(self, z_shape, x_shape):
+        self.attention.build(z_shape, z_shape)
+        self.ffn1.build(z_shape)
+        self.ffn2.build(tuple(z_shape[:-1]) + (1024,))
+        self.norm1.build(z_shape)
+        self.norm2.build(z_shape)
+
+    def call(self, z, x, training=None):
+        u = z + x
+        h = self.norm1(u + self.attention(u, u))
+        return self.norm2(h + self.ffn2(self.ffn1(h)))
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
 CELLS = {
     "mlp": (MLPCell, (128, 256)),
     "conv": (ConvCell, (32, 32, 32, 64)),
+    "transformer": (TransformerCell, (16, 128, 256)),
 }
 
 

@@ -20,20 +20,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import keras_deq  # noqa: E402
 from benchmarks import cells  # noqa: E402
 from benchmarks import timing  # noqa: E402
-
-MODES = {
-    "implicit": dict(gradient="implicit"),
-    "phantom": dict(gradient="phantom", phantom_steps=1),
-    "unrolled": dict(gradient="unrolled"),
-}
+from benchmarks.steps import MODES  # noqa: E402
+from benchmarks.steps import step_function  # noqa: E402
 
 _CELLS = flags.DEFINE_list("cells", ["mlp", "conv"], "Cells to measure.")
 _MODES = flags.DEFINE_list("modes", list(MODES), "Gradient modes.")
@@ -51,35 +44,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed warm-up steps.")
 _OUTPUT = flags.DEFINE_string(
     "output", "training_step.json", "Where to write the JSON results."
 )
-
-
-def step_function(cell, x, mode, solver, iters, jit, jacobian=False):
-    layer = keras_deq.DEQLayer(
-        cell,
-        solver=solver,
-        max_iter=iters,
-        tol=1e-30,
-        backward_max_iter=iters,
-        backward_tol=1e-30,
-        jac_weight=1.0 if jacobian else 0.0,
-        jac_freq=1.0,
-        jac_samples=1,
-        **MODES[mode],
-    )
-    layer.build(x.shape)
-    optimizer = keras.optimizers.SGD(1e-6)
-    optimizer.build(layer.trainable_variables)
-
-    @tf.function(jit_compile=jit)
-    def step():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(layer(x, training=True)))
-            loss += tf.add_n(layer.losses)
-        grads = tape.gradient(loss, layer.trainable_variables)
-        optimizer.apply(grads, layer.trainable_variables)
-        return loss
-
-    return step
 
 
 def main(argv):

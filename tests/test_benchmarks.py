@@ -8,8 +8,12 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TIMED = ("--repeats=2", "--warmup=1")
+
+
 def run_module(module, tmp_path, *flags):
     output = tmp_path / f"{module}.json"
+    timed = () if module == "memory" else TIMED
     done = subprocess.run(
         [
             sys.executable,
@@ -17,8 +21,7 @@ def run_module(module, tmp_path, *flags):
             f"benchmarks.{module}",
             f"--output={output}",
             "--batch_size=2",
-            "--repeats=2",
-            "--warmup=1",
+            *timed,
             *flags,
         ],
         cwd=REPO,
@@ -78,7 +81,7 @@ def test_mdeq_throughput_script(tmp_path):
     data, stdout = run_module(
         "mdeq_throughput",
         tmp_path,
-        "--widths=4,8",
+        "--widths=4",
         "--expansion=1",
         "--repeats=1",
     )
@@ -89,3 +92,27 @@ def test_mdeq_throughput_script(tmp_path):
         assert r["samples_per_second"] == 2 / r["step_seconds"]["median"]
     assert on["ratio_to_penalty_off"] > 0
     assert "samples/s" in stdout
+
+
+def test_memory_script(tmp_path):
+    plot = tmp_path / "memory.png"
+    data, stdout = run_module(
+        "memory",
+        tmp_path,
+        "--cells=mlp",
+        "--iters=2",
+        f"--plot={plot}",
+    )
+    results = data["results"]
+    assert [(r["mode"], r["iters"]) for r in results] == [
+        ("implicit", 2),
+        ("unrolled", 2),
+    ]
+    for r in results:
+        assert r["batch_size"] == 2 and r["solver"] == "broyden"
+        assert 0 < r["baseline_mb"] <= r["peak_mb"]
+        assert r["step_mb"] == r["peak_mb"] - r["baseline_mb"]
+    assert results[0]["ratio_to_first"] == 1.0
+    with open(plot, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "/ smallest max_iter" in stdout
