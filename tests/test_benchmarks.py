@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -116,3 +119,40 @@ def test_memory_script(tmp_path):
     with open(plot, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "/ smallest max_iter" in stdout
+
+
+@pytest.mark.large  # four small trainings: ~40 s, and the suite is near 10 min
+def test_nfe_vs_jacobian_script(tmp_path):
+    plot = tmp_path / "nfe.png"
+    output = tmp_path / "nfe.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.nfe_vs_jacobian",
+            "--gammas=0,4",
+            "--epochs_1d=1",
+            "--epochs_images=1",
+            "--num_images=64",
+            "--cap=5",
+            f"--output={output}",
+            f"--plot={plot}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(output.read_text())["results"]
+    assert [(r["task"], r["gamma"]) for r in results] == [
+        ("1d", 0.0),
+        ("1d", 4.0),
+        ("images", 0.0),
+        ("images", 4.0),
+    ]
+    for r in results:
+        assert 1 <= r["nfe"] <= r["cap"] == 5
+        assert np.isfinite(r["loss"]) and r["residual"] >= 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
+from examples.generated_images import oriented_bars
 from keras_deq.models import MDEQClassifier
-from tests.images import oriented_bars
 
 NUM_TRAIN, NUM_TEST = 2000, 1000
 CONFIG = dict(widths=(8, 16, 32, 64), expansion=1, max_iter=30, tol=1e-3)

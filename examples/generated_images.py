@@ -1,4 +1,4 @@
-"""A generated image classification task with real structure: bar angles."""
+"""Generated image data with real structure, for offline examples and tests."""
 
 import numpy as np
 
