@@ -1,12 +1,12 @@
 r"""Peak memory of one training step against the number of solver iterations.
 
 Each configuration runs in a fresh process: it builds the cell and a
-compiled training step (loss = mean(z*²), as in `training_step.py`), runs
-the step once (tracing, graph optimisation, first allocations), resets the
-kernel's peak-RSS counter (`/proc/self/clear_refs`), takes the current RSS
-as the baseline, runs the step again and reports the new peak minus the
-baseline. Implicit gradients should stay flat in `max_iter`; unrolled ones
-grow with it.
+compiled training step (loss = mean(z*²), as in `training_step.py`) and
+traces it without running it, resets the kernel's peak-RSS counter
+(`/proc/self/clear_refs`), takes the current RSS as the baseline, runs the
+step once and reports the peak minus the baseline. (A second run would show
+almost nothing: the allocators keep the first run's memory and reuse it.)
+Implicit gradients should stay flat in `max_iter`; unrolled ones grow.
 
     python -m benchmarks.memory --cells=mlp,conv,transformer \
         --iters=6,12,24,48 --modes=implicit,unrolled
@@ -57,7 +57,7 @@ def measure_child(cell_name, mode, iters, solver, batch_size):
 
     cell, x = cells.make(cell_name, batch_size)
     step = steps.step_function(cell, x, mode, solver, iters, False)
-    step().numpy()  # traces, optimises and allocates once
+    step.get_concrete_function()  # trace only: the graph is not memory
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
     baseline = _status_mb("VmRSS")

@@ -6,9 +6,9 @@ learned f easier to solve. For each γ this trains
 - the 1-D synthetic DEQ of `examples/synthetic_1d.py` (Table 4, column 1,
   fewer epochs), and
 - a small convolutional DEQ on generated oriented-bar images
-  (`examples/generated_images.py`): a strided stem to 16×16×16, one `DEQLayer` over a
-  residual conv block with GroupNorm (the benchmark conv cell's structure),
-  global pooling and a linear head,
+  (`examples/generated_images.py`): a strided stem to 16×16×16, one
+  `DEQLayer` over a residual conv block with GroupNorm (the benchmark conv
+  cell's structure), global pooling and a linear head,
 
 then counts the Broyden steps each needs at inference to reach relative
 residual 1e-3 (cap `--cap`, 50), per held-out sample, and reports them with
