@@ -27,6 +27,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
+from examples import plotting  # noqa: E402
 
 _CELLS = flags.DEFINE_list("cells", ["mlp", "conv", "transformer"], "Cells.")
 _ITERS = flags.DEFINE_list("iters", ["6", "12", "24", "48"], "max_iter values.")
@@ -102,12 +103,10 @@ def run_child(cell, mode, iters):
 
 def plot(results, path):
     try:
-        import matplotlib
+        plt = plotting.pyplot()
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     cell_names = sorted({r["cell"] for r in results})
     fig, axes = plt.subplots(
@@ -128,9 +127,7 @@ def plot(results, path):
         ax.set_xlabel("max_iter")
         ax.set_ylabel("peak MB above baseline")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def main(argv):

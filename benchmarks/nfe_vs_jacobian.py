@@ -32,6 +32,7 @@ from absl import flags  # noqa: E402
 
 import keras_deq  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from examples import plotting  # noqa: E402
 from examples import synthetic_1d  # noqa: E402
 from examples.generated_images import oriented_bars  # noqa: E402
 
@@ -144,10 +145,7 @@ def run_images(gamma, epochs, num_images, cap, seed):
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     tasks = sorted({r["task"] for r in results})
     fig, axes = plt.subplots(
@@ -163,9 +161,7 @@ def plot(results, path):
         twin.plot(gammas, [r["loss"] for r in rows], "s--", color="C1")
         twin.set_ylabel("held-out loss", color="C1")
         ax.set_title(task)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def main(argv):

@@ -40,6 +40,11 @@ from absl import flags  # noqa: E402
 
 import keras_deq  # noqa: E402
 
+try:
+    from examples import plotting  # noqa: E402
+except ImportError:  # run as a script: examples/ itself is on sys.path
+    import plotting  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 
@@ -287,10 +292,7 @@ def format_table(rows):
 
 def draw_figure(models, linear_coef, path, slices=SLICES, trace_steps=30):
     """Figure 5: f(z; x) slices with z_out = z (top), iterates (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     gammas = sorted(models)
     fig, axes = plt.subplots(
@@ -324,9 +326,7 @@ def draw_figure(models, linear_coef, path, slices=SLICES, trace_steps=30):
         bottom.set_ylabel("z")
         bottom.set_ylim(lo, hi)
     axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plotting.save(fig, path)
 
 
 def main(argv):

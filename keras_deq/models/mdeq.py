@@ -161,13 +161,13 @@ class MDEQBlock(keras.layers.Layer):
                 layer.build(in_shape)
             self.branches.append(branch)
 
-        self.fuse = []
-        for i, shape_i in enumerate(z_shape):
-            paths = []
-            for j, shape_j in enumerate(z_shape):
-                paths.append(self._fuse_path(i, j, shape_j))
-            self.fuse.append(paths)
-            del shape_i
+        self.fuse = [
+            [
+                self._fuse_path(i, j, shape_j)
+                for j, shape_j in enumerate(z_shape)
+            ]
+            for i in range(len(z_shape))
+        ]
         self.post_norms = [
             self._norm(f"post_gn{i}") for i in range(len(z_shape))
         ]
