@@ -154,3 +154,49 @@ class DropoutCell(keras.layers.Layer):
         config = super().get_config()
         config.update(units=self.units, rate=self.rate, seed=self.seed)
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class CausalSequenceCell(keras.layers.Layer):
+    """f(z, x)_t = tanh(z_t W + cummean(z)_t V + x_t U) over `[B, T, D]`.
+
+    Position t sees positions ≤ t only (a running mean), so f is causal;
+    with ‖W‖ + ‖V‖ < 1 it is a contraction.
+    """
+
+    def __init__(self, units=5, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.seed = seed
+
+    def build(self, z_shape, x_shape):
+        rng = np.random.default_rng(self.seed)
+        n = self.units
+        self.w = self.add_weight(
+            shape=(n, n),
+            initializer=keras.initializers.Constant(contraction(rng, n, 0.5)),
+            name="w",
+        )
+        self.v = self.add_weight(
+            shape=(n, n),
+            initializer=keras.initializers.Constant(contraction(rng, n, 0.4)),
+            name="v",
+        )
+        self.u = self.add_weight(
+            shape=(x_shape[-1], n),
+            initializer=keras.initializers.Constant(
+                rng.normal(size=(x_shape[-1], n))
+            ),
+            name="u",
+        )
+
+    def initial_state(self, x):
+        return tf.zeros(tf.concat([tf.shape(x)[:-1], [self.units]], 0), x.dtype)
+
+    def call(self, z, x, training=None):
+        steps = tf.cast(tf.range(1, tf.shape(z)[1] + 1), z.dtype)
+        running = tf.cumsum(z, axis=1) / steps[None, :, None]
+        return tf.tanh(z @ self.w + running @ self.v + x @ self.u)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "seed": self.seed}

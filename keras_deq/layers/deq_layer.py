@@ -88,6 +88,18 @@ class DEQLayer(keras.layers.Layer):
             to `1`.
         seed: int seed of the penalty's gate and probes. Defaults to `None`
             (drawn from Keras' global seed).
+        sample_axes: how many leading axes of the state index separately
+            solved rows. `1` (the default): each batch element is one
+            problem with its own solver state, stopping and best iterate.
+            `2` for sequence states `[B, T, D]` of a causal block: every
+            position gets its own quasi-Newton state, stopping and best
+            iterate, so the output at position t depends on positions ≤ t
+            only -- exactly, at any tolerance (with one problem per
+            sequence, Broyden's and Anderson's updates mix positions and
+            later tokens move earlier outputs by up to the tolerance).
+            Forward statistics are then means over positions; the
+            implicit backward (whose linear system couples the positions)
+            is solved per sample.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -138,6 +150,7 @@ class DEQLayer(keras.layers.Layer):
         jac_freq: float = 1.0,
         jac_samples: int = 1,
         seed: int | None = None,
+        sample_axes: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -166,6 +179,7 @@ class DEQLayer(keras.layers.Layer):
         validation.check_int("jac_samples", jac_samples, 1)
         if seed is not None:
             validation.check_int("seed", seed, 0)
+        validation.check_int("sample_axes", sample_axes, 1)
 
         self.block = block
         self.solver = solver
@@ -180,6 +194,7 @@ class DEQLayer(keras.layers.Layer):
         self.phantom_tau = phantom_tau
         self.jac_samples = jac_samples
         self.seed = seed
+        self.sample_axes = sample_axes
         self._jac_config = {"jac_weight": jac_weight, "jac_freq": jac_freq}
         self.jac_weight = None
         self.jac_freq = None
@@ -224,6 +239,7 @@ class DEQLayer(keras.layers.Layer):
             training=False,
         )
         self._check_block_output(self._state_spec, z1)
+        self._check_sample_axes(self._state_spec)
         for name, value in self._jac_config.items():
             setattr(
                 self,
@@ -268,6 +284,20 @@ class DEQLayer(keras.layers.Layer):
                     f"output shape: {_shape(b)}."
                 )
 
+    def _check_sample_axes(self, state_spec):
+        if self.sample_axes == 1:
+            return
+        shapes = [tuple(s.shape) for s in tf.nest.flatten(state_spec)]
+        leading = {shape[: self.sample_axes] for shape in shapes}
+        if any(len(shape) <= self.sample_axes for shape in shapes) or (
+            len(leading) > 1
+        ):
+            raise ValueError(
+                f"`sample_axes`={self.sample_axes} needs every state tensor "
+                f"to have more than {self.sample_axes} axes and the same "
+                f"first {self.sample_axes}. State shapes: {shapes}"
+            )
+
     @property
     def _solver_dtype(self):
         if self.block.compute_dtype == "float64":
@@ -289,8 +319,10 @@ class DEQLayer(keras.layers.Layer):
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         return [d.sample_mask(batch, self.compute_dtype) for d in dropouts]
 
-    def _flat_block(self, x, z0, training, masks=None):
-        flattener = StateFlattener(z0, self._solver_dtype)
+    def _flat_block(self, x, z0, training, masks=None, sample_axes=None):
+        flattener = StateFlattener(
+            z0, self._solver_dtype, sample_axes or self.sample_axes
+        )
         dropouts = self._dropouts() if masks is not None else []
 
         def f(z):
@@ -330,6 +362,12 @@ class DEQLayer(keras.layers.Layer):
             else:
                 result = self._forward_solve(x, z0, training, masks)
             z_star, nstep, rel_res = result.z, result.nstep, result.rel_residual
+            if self.sample_axes > 1 and self.gradient == "implicit":
+                # The backward's linear system couples the rows of a sample
+                # (anti-causally, for a causal f); it is solved per sample.
+                rows = flattener
+                f, flattener = self._flat_block(x, z0, training, masks, 1)
+                z_star = flattener.flatten(rows.unflatten(z_star))
             if self.gradient == "implicit":
                 z = gradients.implicit(
                     f,
@@ -398,12 +436,15 @@ class DEQLayer(keras.layers.Layer):
         if not self.built:
             self.build(tf.nest.map_structure(lambda t: t.shape, x))
         z0 = self._initial_state(x)
-        f, _ = self._flat_block(x, z0, False)
         if tf.executing_eagerly():
             result = self._eager_solve(x, z0, False)
         else:
             result = self._forward_solve(x, z0, False)
-        return jacobian.spectral_radius(f, result.z, num_iters)
+        # Whole samples, also when the solve ran per position.
+        _, rows = self._flat_block(x, z0, False)
+        f, flattener = self._flat_block(x, z0, False, sample_axes=1)
+        z_star = flattener.flatten(rows.unflatten(result.z))
+        return jacobian.spectral_radius(f, z_star, num_iters)
 
     def _record_backward(self, result):
         self.backward_nfe.update_state(tf.cast(result.nstep, tf.float32))
@@ -438,6 +479,7 @@ class DEQLayer(keras.layers.Layer):
                 **self._jac_config,
                 "jac_samples": self.jac_samples,
                 "seed": self.seed,
+                "sample_axes": self.sample_axes,
             }
         )
         return config
