@@ -6,6 +6,7 @@ import sys
 import keras
 import tensorflow as tf
 from absl import flags
+from absl import logging
 
 from keras_deq.utils import distribute
 
@@ -121,7 +122,13 @@ def export(model, strategy, export_dir):
             export_dir + "_scratch",
             f"worker_{strategy.cluster_resolver.task_id}",
         )
-    model.export(export_dir, verbose=False)
+    # TensorFlow's SavedModel writer logs every step at INFO through absl.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        model.export(export_dir, verbose=False)
+    finally:
+        logging.set_verbosity(verbosity)
     return export_dir
 
 

@@ -1,0 +1,192 @@
+"""DEQTransformerLM: causality, parameters, training with JR, generation."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_deq
+from keras_deq.models import DEQTransformerBlock
+from keras_deq.models import DEQTransformerLM
+
+VOCAB = 30
+TINY = dict(hidden_dim=16, num_heads=2, intermediate_dim=24, seed=0)
+
+
+def tokens(seed=0, batch=3, length=12):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("solver", ["broyden", "anderson"])
+def test_later_tokens_leave_earlier_logits_unchanged(norm, solver):
+    model = DEQTransformerLM(VOCAB, norm=norm, solver=solver, **TINY)
+    ids = tokens()
+    changed = ids.copy()
+    t = 6
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % VOCAB
+    a = model(ids, training=False).numpy()
+    b = model(changed, training=False).numpy()
+    assert np.abs(a[:, : t + 1] - b[:, : t + 1]).max() <= 1e-5
+    # The test can see a dependence: the changed positions do move.
+    assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-4
+
+
+def test_block_is_a_transformer_layer_with_injection():
+    """f against the same formula written out with NumPy (post-LN)."""
+    block = DEQTransformerBlock(weight_norm=False, dropout=0.0, **TINY)
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2, 5, 16)).astype("float32")
+    x = rng.normal(size=(2, 5, 48)).astype("float32")
+    out = block(z, x).numpy()
+
+    def ln(h, layer):
+        mu = h.mean(-1, keepdims=True)
+        var = h.var(-1, keepdims=True)
+        return (h - mu) / np.sqrt(var + 1e-5) * layer.gamma.numpy() + (
+            layer.beta.numpy()
+        )
+
+    qkv = z @ block.qkv.kernel.numpy() + x
+    q, k, v = np.split(qkv.reshape(2, 5, 3, 2, 8), 3, axis=2)
+    q, k, v = (a[:, :, 0].transpose(0, 2, 1, 3) for a in (q, k, v))
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(8)
+    scores = np.where(np.tril(np.ones((5, 5))) > 0, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = (weights @ v).transpose(0, 2, 1, 3).reshape(2, 5, 16)
+    a = attended @ block.attention_output.kernel.numpy()
+    a += block.attention_output.bias.numpy()
+    h = ln(z + a, block.norm1)
+    inner = np.maximum(
+        h @ block.ffn_inner.kernel.numpy() + block.ffn_inner.bias.numpy(), 0
+    )
+    f = inner @ block.ffn_output.kernel.numpy() + block.ffn_output.bias.numpy()
+    np.testing.assert_allclose(out, ln(h + f, block.norm2), atol=1e-5)
+
+
+def test_parameter_count_matches_the_architecture():
+    v, d, i = VOCAB, 16, 24
+    model = DEQTransformerLM(VOCAB, **TINY)
+    wn = 1  # WeightNormalization adds g, one per output unit
+    expected = (
+        v * d  # tied embedding and softmax
+        + d * 3 * d
+        + 3 * d
+        + wn * 3 * d  # injection (with bias)
+        + d * 3 * d
+        + wn * 3 * d  # qkv (no bias)
+        + d * d
+        + d
+        + wn * d  # attention output
+        + d * i
+        + i
+        + wn * i  # feed-forward in
+        + i * d
+        + d
+        + wn * d  # feed-forward out
+        + 2 * 2 * d  # two LayerNorms
+        + 2  # the DEQLayer's γ and p (non-trainable)
+    )
+    assert model.count_params() == expected
+    pre = DEQTransformerLM(VOCAB, norm="pre", **TINY)
+    assert pre.count_params() == expected + 2 * d  # the final LayerNorm
+
+
+def test_softmax_head_is_the_transposed_embedding():
+    model = DEQTransformerLM(VOCAB, **TINY)
+    embedding = model.get_layer("token_embedding").embeddings.numpy()
+    vocab_sized = [w for w in model.weights if VOCAB in tuple(w.shape)]
+    assert len(vocab_sized) == 1
+    ids = tokens(batch=2, length=5)
+    features = keras.Model(
+        model.inputs, model.get_layer("output_dropout").output
+    )(ids, training=False).numpy()
+    np.testing.assert_allclose(
+        model(ids, training=False).numpy(),
+        features @ embedding.T,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_trains_with_the_jacobian_penalty_on(norm):
+    model = DEQTransformerLM(
+        VOCAB, norm=norm, jac_weight=1.6, jac_freq=1.0, **TINY
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    # Shifted cycles 0..9: the next token is a function of the current one.
+    ids = np.stack([np.roll(np.tile(np.arange(10), 3), i) for i in range(8)])
+    x, y = ids[:, :-1], ids[:, 1:]
+    before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    history = model.fit(x, y, epochs=15, batch_size=8, verbose=0).history
+    after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    assert np.all(np.isfinite(history["loss"]))
+    # p = 1: every step computed the penalty, and it is in the loss.
+    assert all(v > 0 for v in history["deq_jac_loss"])
+    assert all(
+        total > jac
+        for total, jac in zip(
+            history["loss"], history["deq_jac_loss"], strict=True
+        )
+    )
+    assert after < before - 0.15, (before, after)  # it learns
+
+
+def test_generate_runs_the_whole_sequence_through_the_deq():
+    model = DEQTransformerLM(VOCAB, **TINY)
+    prompt = tokens(seed=3, batch=2, length=4)
+    out = model.generate(prompt, 5)
+    assert out.shape == (2, 9)
+    np.testing.assert_array_equal(out[:, :4], prompt)
+    # Reference: argmax of the full forward pass over the growing sequence.
+    ids = prompt.copy()
+    for _ in range(5):
+        logits = model.predict(ids, verbose=0)[:, -1]
+        ids = np.concatenate([ids, logits.argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, ids)
+    single = model.generate(prompt[0], 5)
+    np.testing.assert_array_equal(single, ids[0])
+    a = model.generate(prompt, 6, temperature=1.0, seed=4)
+    b = model.generate(prompt, 6, temperature=1.0, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= 0 and a.max() < VOCAB
+
+
+def test_generate_rejects_bad_input():
+    model = DEQTransformerLM(VOCAB, **TINY)
+    with pytest.raises(ValueError, match="token_ids"):
+        model.generate(np.zeros((0,), int), 2)
+    with pytest.raises(ValueError, match="token_ids"):
+        model.generate([1, VOCAB], 2)
+    with pytest.raises(TypeError, match="token_ids"):
+        model.generate([0.5, 1.0], 2)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate([1, 2], 2, temperature=-1)
+    with pytest.raises(ValueError, match="num_tokens"):
+        model.generate([1, 2], -1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hidden_dim=16, num_heads=3), "num_heads"),
+        (dict(norm="middle"), "norm"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(intermediate_dim=0), "intermediate_dim"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DEQTransformerLM(VOCAB, **{**TINY, **kwargs})
+    with pytest.raises(ValueError, match="vocab_size"):
+        DEQTransformerLM(1, **TINY)
+
+
+def test_block_rejects_wrong_injection_width():
+    layer = keras_deq.DEQLayer(DEQTransformerBlock(**TINY))
+    with pytest.raises(ValueError, match="injection"):
+        layer(np.zeros((2, 5, 16), "float32"))
