@@ -97,6 +97,27 @@ def test_mdeq_throughput_script(tmp_path):
     assert "samples/s" in stdout
 
 
+def test_lm_throughput_script(tmp_path):
+    data, stdout = run_module(
+        "lm_throughput",
+        tmp_path,
+        "--seq_len=8",
+        "--vocab_size=40",
+        "--hidden_dim=8",
+        "--num_heads=2",
+        "--intermediate_dim=16",
+        "--repeats=1",
+    )
+    off, on = data["results"]
+    assert (off["penalty"], on["penalty"]) == (False, True)
+    for r in (off, on):
+        assert r["tokens_per_second"] == 16 / r["step_seconds"]["median"]
+        assert 1 <= r["forward_nfe"] <= 12
+        assert r["parameters"] > r["block_parameters"] > 0
+    assert on["ratio_to_penalty_off"] > 0
+    assert "tokens/s" in stdout
+
+
 def test_memory_script(tmp_path):
     plot = tmp_path / "memory.png"
     data, stdout = run_module(

@@ -183,8 +183,7 @@ def test_missing_data_is_a_clear_error(tmp_path, given):
         assert "--data_dir is not set" in done.stderr
 
 
-@pytest.mark.parametrize("flag", ["--max_vocab=1", "--norm=middle"])
-def test_bad_flags(flag):
-    done = run_script(flag)
+def test_bad_flags():
+    done = run_script("--max_vocab=1")
     assert done.returncode != 0
-    assert flag.split("=")[0] in done.stderr
+    assert "--max_vocab=1" in done.stderr
