@@ -168,27 +168,24 @@ def run(
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
-    extra = list(callbacks)
-    if pretrain_steps:
-        extra.append(
-            keras_deq.callbacks.UnrolledPretraining(
-                pretrain_steps, pretrain_iters
-            )
-        )
-    common.prepare_for_multi_worker(model, strategy, train)
-    history = model.fit(
+    history = common.fit(
+        model,
+        strategy,
         train,
-        validation_data=test,
+        test,
+        model_dir=model_dir,
+        monitor="val_accuracy",
+        mode="max",
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         validation_steps=validation_steps,
-        callbacks=common.training_callbacks(
-            strategy, model_dir, "val_accuracy", "max", extra
-        ),
+        pretrain_steps=pretrain_steps,
+        pretrain_iters=pretrain_iters,
+        callbacks=callbacks,
         verbose=verbose,
     )
     exported = common.export(model, strategy, export_dir)
-    return {"history": history.history, "model": model, "export_dir": exported}
+    return {"history": history, "model": model, "export_dir": exported}
 
 
 def main(argv):

@@ -8,6 +8,7 @@ import tensorflow as tf
 from absl import flags
 from absl import logging
 
+import keras_deq
 from keras_deq.utils import distribute
 
 FLAGS = flags.FLAGS
@@ -86,6 +87,49 @@ def training_callbacks(strategy, model_dir, monitor, mode, extra=()):
         *extra,
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs")),
     ]
+
+
+def fit(
+    model,
+    strategy,
+    train,
+    validation,
+    *,
+    model_dir,
+    monitor,
+    mode,
+    epochs,
+    steps_per_epoch=None,
+    validation_steps=None,
+    pretrain_steps=0,
+    pretrain_iters=4,
+    callbacks=(),
+    verbose=1,
+):
+    """`model.fit` with the examples' callbacks, under any strategy.
+
+    Adds `UnrolledPretraining` when `pretrain_steps` > 0, and the backup,
+    best-model checkpoint (by `monitor`, `mode`) and TensorBoard callbacks
+    of `training_callbacks`. Returns the History's dict.
+    """
+    extra = list(callbacks)
+    if pretrain_steps:
+        extra.append(
+            keras_deq.callbacks.UnrolledPretraining(
+                pretrain_steps, pretrain_iters
+            )
+        )
+    prepare_for_multi_worker(model, strategy, train)
+    history = model.fit(
+        train,
+        validation_data=validation,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_steps=validation_steps,
+        callbacks=training_callbacks(strategy, model_dir, monitor, mode, extra),
+        verbose=verbose,
+    )
+    return history.history
 
 
 def prepare_for_multi_worker(model, strategy, dataset):

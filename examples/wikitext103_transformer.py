@@ -286,23 +286,21 @@ def run(
                 jac_start, jac_weight_end, epochs=max(1, epochs - 1)
             )
         )
-    if pretrain_steps:
-        extra.append(
-            keras_deq.callbacks.UnrolledPretraining(
-                pretrain_steps, pretrain_iters
-            )
-        )
     write_vocabulary(lookup, model_dir)
-    common.prepare_for_multi_worker(model, strategy, train)
-    history = model.fit(
+    history = common.fit(
+        model,
+        strategy,
         train,
-        validation_data=valid,
+        valid,
+        model_dir=model_dir,
+        monitor="val_perplexity",
+        mode="min",
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         validation_steps=validation_steps,
-        callbacks=common.training_callbacks(
-            strategy, model_dir, "val_perplexity", "min", extra
-        ),
+        pretrain_steps=pretrain_steps,
+        pretrain_iters=pretrain_iters,
+        callbacks=extra,
         verbose=verbose,
     )
     test_logs = model.evaluate(
@@ -311,7 +309,7 @@ def run(
     exported = common.export(model, strategy, export_dir)
     write_vocabulary(lookup, exported)
     return {
-        "history": history.history,
+        "history": history,
         "test": test_logs,
         "model": model,
         "vocabulary": lookup,

@@ -1,6 +1,5 @@
 """examples/cifar10_mdeq.py on mock CIFAR-10: pipeline, strategies, errors."""
 
-import glob
 import json
 import os
 import socket
@@ -14,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from examples import cifar10_mdeq
+from tests.summaries import tensorboard_tags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
@@ -25,16 +25,6 @@ TINY = dict(
     expansion=1,
     verbose=0,
 )
-
-
-def tensorboard_tags(log_dir):
-    tags = set()
-    for path in glob.glob(
-        os.path.join(log_dir, "**", "events*"), recursive=True
-    ):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            tags.update(v.tag for v in event.summary.value)
-    return tags
 
 
 def test_one_epoch_on_mock_data_through_the_real_pipeline(tmp_path):

@@ -1,7 +1,6 @@
 """examples/wikitext103_transformer.py on a generated WikiText-format corpus."""
 
 import collections
-import glob
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import tensorflow as tf
 
 from examples import generated_text
 from examples import wikitext103_transformer as wt
+from tests.summaries import tensorboard_tags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(
@@ -81,16 +81,6 @@ def test_reported_perplexity_is_exp_of_mean_token_cross_entropy():
     targets = ids[:, 1:]
     nll = -np.take_along_axis(log_probs, targets[..., None], -1)
     assert np.isclose(logs["perplexity"], np.exp(nll.mean()), rtol=1e-5)
-
-
-def tensorboard_tags(log_dir):
-    tags = set()
-    for path in glob.glob(
-        os.path.join(log_dir, "**", "events*"), recursive=True
-    ):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            tags.update(v.tag for v in event.summary.value)
-    return tags
 
 
 def test_one_epoch_mirrored_then_keras_file_and_savedmodel(
