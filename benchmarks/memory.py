@@ -10,6 +10,8 @@ Implicit gradients should stay flat in `max_iter`; unrolled ones grow.
 
     python -m benchmarks.memory --cells=mlp,conv,transformer \
         --iters=6,12,24,48 --modes=implicit,unrolled
+    python -m benchmarks.memory --cells=conv --modes=implicit \
+        --broyden_memory=4 --output=memory_m4.json --plot=memory_m4.png
 
 Writes `--output` (JSON) and, with matplotlib installed, `--plot` (PNG).
 Linux only (it reads /proc).
@@ -33,6 +35,11 @@ _CELLS = flags.DEFINE_list("cells", ["mlp", "conv", "transformer"], "Cells.")
 _ITERS = flags.DEFINE_list("iters", ["6", "12", "24", "48"], "max_iter values.")
 _MODES = flags.DEFINE_list("modes", ["implicit", "unrolled"], "Gradients.")
 _SOLVER = flags.DEFINE_string("solver", "broyden", "Forward/backward solver.")
+_MEMORY = flags.DEFINE_integer(
+    "broyden_memory",
+    None,
+    "Broyden's `memory` option (rank-one pairs kept); unset keeps them all.",
+)
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Override each cell's batch size."
 )
@@ -51,13 +58,16 @@ def _status_mb(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_child(cell_name, mode, iters, solver, batch_size):
+def measure_child(cell_name, mode, iters, solver, batch_size, memory):
     """Runs in the fresh process: the step's peak RSS above its baseline."""
     from benchmarks import cells
     from benchmarks import steps
 
     cell, x = cells.make(cell_name, batch_size)
-    step = steps.step_function(cell, x, mode, solver, iters, False)
+    options = {"memory": memory} if memory and solver == "broyden" else None
+    step = steps.step_function(
+        cell, x, mode, solver, iters, False, solver_options=options
+    )
     step.get_concrete_function()  # trace only: the graph is not memory
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
@@ -69,6 +79,7 @@ def measure_child(cell_name, mode, iters, solver, batch_size):
         "mode": mode,
         "iters": iters,
         "solver": solver,
+        "broyden_memory": memory if options else None,
         "batch_size": int(x.shape[0]),
         "baseline_mb": baseline,
         "peak_mb": peak,
@@ -84,6 +95,8 @@ def run_child(cell, mode, iters):
         f"--child={cell}:{mode}:{iters}",
         f"--solver={_SOLVER.value}",
     ]
+    if _MEMORY.value:
+        argv.append(f"--broyden_memory={_MEMORY.value}")
     if _BATCH_SIZE.value:
         argv.append(f"--batch_size={_BATCH_SIZE.value}")
     done = subprocess.run(
@@ -136,7 +149,12 @@ def main(argv):
     if _CHILD.value:
         cell, mode, iters = _CHILD.value.split(":")
         result = measure_child(
-            cell, mode, int(iters), _SOLVER.value, _BATCH_SIZE.value
+            cell,
+            mode,
+            int(iters),
+            _SOLVER.value,
+            _BATCH_SIZE.value,
+            _MEMORY.value,
         )
         print(json.dumps(result))
         return

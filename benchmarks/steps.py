@@ -12,10 +12,13 @@ MODES = {
 }
 
 
-def step_function(cell, x, mode, solver, iters, jit, jacobian=False):
+def step_function(
+    cell, x, mode, solver, iters, jit, jacobian=False, solver_options=None
+):
     layer = keras_deq.DEQLayer(
         cell,
         solver=solver,
+        solver_options=solver_options,
         max_iter=iters,
         tol=1e-30,
         backward_max_iter=iters,

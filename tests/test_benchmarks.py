@@ -125,6 +125,7 @@ def test_memory_script(tmp_path):
         tmp_path,
         "--cells=mlp",
         "--iters=2",
+        "--broyden_memory=1",
         f"--plot={plot}",
     )
     results = data["results"]
@@ -134,6 +135,7 @@ def test_memory_script(tmp_path):
     ]
     for r in results:
         assert r["batch_size"] == 2 and r["solver"] == "broyden"
+        assert r["broyden_memory"] == 1
         assert 0 < r["baseline_mb"] <= r["peak_mb"]
         assert r["step_mb"] == r["peak_mb"] - r["baseline_mb"]
     assert results[0]["ratio_to_first"] == 1.0

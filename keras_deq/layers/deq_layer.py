@@ -1,6 +1,7 @@
 """DEQLayer: the fixed point of a Keras layer, as a Keras layer."""
 
 import contextlib
+import functools
 import weakref
 
 import keras
@@ -100,6 +101,13 @@ class DEQLayer(keras.layers.Layer):
             Forward statistics are then means over positions; the
             implicit backward (whose linear system couples the positions)
             is solved per sample.
+        solver_options: keyword arguments of the forward solver, e.g.
+            `{"memory": 8}` (Broyden keeps at most 8 rank-one pairs, so its
+            memory stops growing with `max_iter`) or `{"m": 5}` (Anderson's
+            history). Defaults to `None` (the solver's defaults).
+        backward_solver_options: the same for the backward solver. Defaults
+            to `None`: `solver_options` when the backward solver is the
+            forward one, else the backward solver's defaults.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -151,6 +159,8 @@ class DEQLayer(keras.layers.Layer):
         jac_samples: int = 1,
         seed: int | None = None,
         sample_axes: int = 1,
+        solver_options: dict | None = None,
+        backward_solver_options: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -180,6 +190,20 @@ class DEQLayer(keras.layers.Layer):
         if seed is not None:
             validation.check_int("seed", seed, 0)
         validation.check_int("sample_axes", sample_axes, 1)
+        solver_options = solvers.check_options(
+            "solver_options", solver, solver_options
+        )
+        if backward_solver_options is None and backward_solver in (
+            None,
+            solver,
+        ):
+            backward_options = solver_options
+        else:
+            backward_options = solvers.check_options(
+                "backward_solver_options",
+                backward_solver or solver,
+                backward_solver_options,
+            )
 
         self.block = block
         self.solver = solver
@@ -195,6 +219,9 @@ class DEQLayer(keras.layers.Layer):
         self.jac_samples = jac_samples
         self.seed = seed
         self.sample_axes = sample_axes
+        self.solver_options = solver_options
+        self.backward_solver_options = backward_solver_options
+        self._backward_options = backward_options
         self._jac_config = {"jac_weight": jac_weight, "jac_freq": jac_freq}
         self.jac_weight = None
         self.jac_freq = None
@@ -338,7 +365,12 @@ class DEQLayer(keras.layers.Layer):
         f, flattener = self._flat_block(x, z0, training, masks)
         solve = solvers.get(self.solver)
         result = solve(
-            f, flattener.flatten(z0), self.max_iter, self.tol, self.stop_mode
+            f,
+            flattener.flatten(z0),
+            self.max_iter,
+            self.tol,
+            self.stop_mode,
+            **self.solver_options,
         )
         return tf.nest.map_structure(tf.stop_gradient, result)
 
@@ -372,7 +404,10 @@ class DEQLayer(keras.layers.Layer):
                 z = gradients.implicit(
                     f,
                     z_star,
-                    solvers.get(self.backward_solver or self.solver),
+                    functools.partial(
+                        solvers.get(self.backward_solver or self.solver),
+                        **self._backward_options,
+                    ),
                     self.backward_max_iter or self.max_iter,
                     self.backward_tol,
                     # Backward statistics describe training; outside it the
@@ -480,6 +515,8 @@ class DEQLayer(keras.layers.Layer):
                 "jac_samples": self.jac_samples,
                 "seed": self.seed,
                 "sample_axes": self.sample_axes,
+                "solver_options": dict(self.solver_options),
+                "backward_solver_options": self.backward_solver_options,
             }
         )
         return config

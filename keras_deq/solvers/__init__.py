@@ -5,6 +5,7 @@ Every solver has the signature `solver(f, z0, max_iter, tol, stop_mode="rel",
 looks one up by name; `register` adds a new one.
 """
 
+import inspect
 from collections.abc import Callable
 
 from keras_deq.solvers._loop import SolverResult
@@ -60,6 +61,46 @@ def register(name: str, solver: Callable[..., SolverResult]) -> None:
     _REGISTRY[name] = solver
 
 
+# The arguments every solver takes; the others are its options.
+_COMMON = ("f", "z0", "max_iter", "tol", "stop_mode")
+
+
+def check_options(argument: str, name: str, options: dict | None) -> dict:
+    """Checks `options` against the keyword arguments of solver `name`.
+
+    Args:
+        argument: the name of the argument being checked, for the message.
+        name: a registered solver name.
+        options: a dict of keyword arguments, or `None` (no options).
+
+    Returns:
+        A new dict of the options (empty for `None`).
+
+    Raises:
+        TypeError: `options` is not a dict, or names an argument the solver
+            does not take.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(
+            f"`{argument}` must be a dict of keyword arguments of the "
+            f"{name!r} solver. Received: {argument}={options!r}"
+        )
+    params = inspect.signature(get(name)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    allowed = [p for p in params if p not in _COMMON]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"`{argument}` has arguments the {name!r} solver does not take: "
+            f"{unknown}. Its options are {allowed}. "
+            f"Received: {argument}={options!r}"
+        )
+    return dict(options)
+
+
 def names() -> list[str]:
     """The registered solver names."""
     return sorted(_REGISTRY)
@@ -69,6 +110,7 @@ __all__ = [
     "SolverResult",
     "anderson",
     "broyden",
+    "check_options",
     "fixed_point",
     "get",
     "names",

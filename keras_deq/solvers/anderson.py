@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from keras_deq.solvers import _history
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 
@@ -64,18 +65,20 @@ def anderson(
     slots = tf.range(m)
 
     def init(z0, fz0):
-        shape = tf.shape(z0)
-        buf = tf.zeros(tf.stack([shape[0], m, shape[1]]), z0.dtype)
+        # History 0 holds the f(z_i), history 1 the residuals f(z_i) − z_i.
+        hist = _history.new(z0, 2, m)
         gram = tf.zeros(tf.stack([tf.shape(z0)[0], m, m]), z0.dtype)
-        return (buf, buf, gram, tf.constant(0))
+        return (hist, gram, tf.constant(0))
 
     def propose(z, fz, state, active):
-        fs, gs, gram, step = state
+        hist, gram, step = state
         g = fz - z
         slot = step % m
-        index = _loop.slot_indices(tf.shape(z)[0], slot)
-        fs = tf.tensor_scatter_nd_update(fs, index, fz)
-        gs = tf.tensor_scatter_nd_update(gs, index, g)
+        # Every read of the history below depends on this write, and the
+        # next write depends (through f) on the iterate those reads give.
+        hist = _history.write(hist, slot, [fz, g], m, after=[])
+        fs = _history.read(hist, 0)
+        gs = _history.read(hist, 1)
         row = tf.linalg.matvec(gs, g)
         is_row = tf.equal(slots, slot)[None, :, None]
         is_col = tf.equal(slots, slot)[None, None, :]
@@ -98,11 +101,11 @@ def anderson(
         ok = tf.reduce_all(tf.math.is_finite(alpha), axis=-1, keepdims=True)
         alpha = tf.where(ok, alpha, tf.one_hot(slot, m, dtype=z.dtype)[None])
 
-        z_next = tf.linalg.matvec(fs, alpha, transpose_a=True)
+        # αᵀ F as a [1, m] × [m, d] product per sample (faster than a
+        # transposed matrix-vector product on this layout).
+        z_next = tf.matmul(alpha[:, None, :], fs)[:, 0]
         if beta != 1.0:
-            z_next -= (1.0 - beta) * tf.linalg.matvec(
-                gs, alpha, transpose_a=True
-            )
-        return z_next, (fs, gs, gram, step + 1)
+            z_next -= (1.0 - beta) * tf.matmul(alpha[:, None, :], gs)[:, 0]
+        return z_next, (hist, gram, step + 1)
 
     return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose)

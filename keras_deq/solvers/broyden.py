@@ -5,7 +5,9 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from keras_deq.solvers import _history
 from keras_deq.solvers import _loop
+from keras_deq.utils import validation
 
 
 def broyden(
@@ -14,6 +16,7 @@ def broyden(
     max_iter: int,
     tol: float,
     stop_mode: str = "rel",
+    memory: int | None = None,
 ) -> _loop.SolverResult:
     """Finds z = f(z) with Broyden's method, each sample on its own.
 
@@ -23,10 +26,16 @@ def broyden(
     the step is z ← z − B g(z). Unlike plain iteration it also converges when
     f is not a contraction (e.g. a linear f with spectral radius above 1).
 
-    B is stored as rank-one factors, one pair per step taken: memory is
-    2 · B · d · (max_iter − 2) floats on top of the iterates (for a batch of
-    32 states of 32×32×64 and `max_iter=30`, about 470 MB in float32); each
-    step reads the history twice.
+    B is stored as rank-one factors, one pair per step taken, in a buffer
+    of 2 · B · d · min(memory, max_iter − 2) floats that steps write in place
+    (for a batch of 32 states of 32×32×64, `max_iter=30` and no `memory`,
+    about 470 MB in float32). With `memory` set, the buffer holds the latest
+    `memory` pairs and each new pair replaces the oldest (limited-memory
+    Broyden, as in the original DEQ code's ring buffer), so memory stops
+    growing with `max_iter`; on hard problems that can cost iterations
+    (a linear f with ρ(J) = 1.5 in d = 64 needs the full history). Each step
+    reads the history four times (products with U, Uᵀ, V and Vᵀ), so its
+    cost beyond f is proportional to the buffer as well.
 
     Args:
         f: maps a `[B, d]` tensor to a `[B, d]` tensor.
@@ -35,6 +44,8 @@ def broyden(
         tol: a sample stops once its residual is below `tol`.
         stop_mode: `"rel"` (‖f(z) − z‖ / ‖f(z)‖) or `"abs"` (‖f(z) − z‖).
             Defaults to `"rel"`.
+        memory: most rank-one pairs kept, a positive int. Defaults to `None`
+            (all of them: `max_iter − 2`, exact Broyden).
 
     Returns:
         A `SolverResult` with per-sample `z`, `nstep`, `abs_residual` and
@@ -52,27 +63,37 @@ def broyden(
         equations", Mathematics of Computation, 1965.
     """
     _loop.check_solver_args(max_iter, tol, stop_mode)
-    history = max(max_iter - 2, 1)
+    # Proposals after the first add one pair each: max_iter − 2 in all.
+    slots = max(max_iter - 2, 1)
+    if memory is not None:
+        slots = min(validation.check_int("memory", memory, 1), slots)
 
     def init(z0, fz0):
-        shape = tf.shape(z0)
-        # Batch-major [B, history, d]: matvec then runs as one batched
-        # matrix-vector product per sample, with no transposed copy.
-        buf = tf.zeros(tf.stack([shape[0], history, shape[1]]), z0.dtype)
-        return (buf, buf, tf.constant(0), z0, fz0 - z0)
+        # History 0 holds the u_i, history 1 the v_i. The pair a step makes
+        # is written by the next step, before it reads the history: every
+        # read then sees the buffer the last write left, so the write can
+        # reuse the buffer (in a graph and under XLA alike).
+        hist = _history.new(z0, 2, slots)
+        pending = (tf.zeros_like(z0), tf.zeros_like(z0), tf.constant(0))
+        return (hist, pending, tf.constant(0), z0, fz0 - z0)
 
     def propose(z, fz, state, active):
-        us, vts, step, z_prev, g_prev = state
-        g = fz - z
-        # B g with B = −I + Σ u_i v_iᵀ; zero slots add nothing.
-        bg = -g + tf.linalg.matvec(
-            us, tf.linalg.matvec(vts, g), transpose_a=True
+        hist, pending, step, z_prev, g_prev = state
+        u_prev, vt_prev, slot_prev = pending
+        # After `fz`, which comes after every read of the previous step.
+        hist = _history.write(
+            hist, slot_prev, [u_prev, vt_prev], slots, after=[fz]
         )
+        us = _history.read(hist, 0)
+        vts = _history.read(hist, 1)
+        g = fz - z
         dz = z - z_prev
         dg = g - g_prev
-        vt = -dz + tf.linalg.matvec(
-            vts, tf.linalg.matvec(us, dz), transpose_a=True
-        )
+        # B g and vᵀ = dzᵀ B with B = −I + Σ u_i v_iᵀ; zero slots add nothing.
+        vg = tf.linalg.matvec(vts, g)
+        bg = -g + tf.matmul(vg[:, None, :], us)[:, 0]
+        udz = tf.linalg.matvec(us, dz)
+        vt = -dz + tf.matmul(udz[:, None, :], vts)[:, 0]
         # The last step was dz = −B g_prev, so B dg = B g + dz and the
         # good-Broyden u = (dz − B dg) / (dzᵀ B dg) is −B g / (vᵀ dg).
         denom = tf.reduce_sum(vt * dg, axis=-1)
@@ -87,11 +108,17 @@ def broyden(
         safe_denom = tf.where(ok, denom, tf.ones_like(denom))
         u = tf.where(ok[:, None], -bg / safe_denom[:, None], tf.zeros_like(g))
         vt = tf.where(ok[:, None], vt, tf.zeros_like(g))
-        slot = _loop.slot_indices(tf.shape(z)[0], tf.maximum(step - 1, 0))
-        us = tf.tensor_scatter_nd_update(us, slot, u)
-        vts = tf.tensor_scatter_nd_update(vts, slot, vt)
+        # The new pair will take the oldest slot (empty until the history is
+        # full), whose pair leaves B.
+        slot = (step - 1) % slots
+        old_u = us[:, slot]
+        old_vg = vg[:, slot]
         # The updated B applied to g, without another pass over the history.
-        bg_new = bg + u * tf.reduce_sum(vt * g, axis=-1, keepdims=True)
-        return z - bg_new, (us, vts, step + 1, z, g)
+        bg_new = (
+            bg
+            + u * tf.reduce_sum(vt * g, axis=-1, keepdims=True)
+            - old_u * old_vg[:, None]
+        )
+        return z - bg_new, (hist, (u, vt, slot), step + 1, z, g)
 
     return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose)

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_deq
+from tests.blocks import LinearCell
 from tests.blocks import TanhCell
 from tests.blocks import TwoResolutionCell
 
@@ -155,13 +156,16 @@ def test_nested_state_in_a_model():
 
 def test_keras_file_round_trip(tmp_path):
     x, y = data()
-    model = compile_model(classifier(solver="anderson", max_iter=17))
+    model = compile_model(
+        classifier(solver="anderson", max_iter=17, solver_options={"m": 3})
+    )
     model.fit(x, y, epochs=1, verbose=0)
     path = tmp_path / "deq.keras"
     model.save(path)
     loaded = keras.models.load_model(path)  # safe_mode=True by default
     deq = loaded.get_layer("deq")
     assert (deq.solver, deq.max_iter) == ("anderson", 17)
+    assert deq.solver_options == {"m": 3}
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
     )
@@ -245,6 +249,21 @@ def test_mirrored_strategy_matches_single_device(mirrored):
         ({"phantom_steps": 0}, ValueError, r"phantom_steps=0"),
         ({"phantom_tau": 1.5}, ValueError, r"`phantom_tau`.*\(0, 1\].*1.5"),
         ({"stopmode": "abs"}, ValueError, r"stopmode"),
+        (
+            {"solver_options": {"m": 3}},
+            TypeError,
+            r"`solver_options`.*'broyden'.*\['m'\].*\['memory'\]",
+        ),
+        (
+            {
+                "solver": "anderson",
+                "backward_solver": "broyden",
+                "backward_solver_options": {"m": 2},
+            },
+            TypeError,
+            r"`backward_solver_options`.*'broyden'.*\['m'\]",
+        ),
+        ({"solver_options": [("m", 3)]}, TypeError, r"must be a dict"),
     ],
 )
 def test_bad_configuration_raises(kwargs, error, pattern):
@@ -300,3 +319,42 @@ def test_import_under_another_backend_says_what_to_do():
     )
     assert result.returncode != 0
     assert "KERAS_BACKEND=tensorflow" in result.stderr
+
+
+def test_solver_options_reach_the_forward_and_backward_solves():
+    # f(z, x) = z A + x. Forward: Broyden keeping one pair against a direct
+    # call. Backward: Anderson with m = 1 is plain iteration, so 3
+    # evaluations give the Neumann sum ∂ℓ/∂x = w (I + Aᵀ + Aᵀ²).
+    d = 8
+    x = tf.constant(np.random.default_rng(1).normal(size=(3, d)), tf.float32)
+    w = tf.constant(np.random.default_rng(2).normal(size=(3, d)), tf.float32)
+    cell = LinearCell(norm=0.9, seed=4)
+    layer = keras_deq.DEQLayer(
+        cell,
+        max_iter=6,
+        tol=1e-12,
+        solver_options={"memory": 1},
+        backward_solver="anderson",
+        backward_max_iter=3,
+        backward_tol=1e-12,
+        backward_solver_options={"m": 1},
+    )
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = layer(x)
+        loss = tf.reduce_sum(z * w)
+    a = cell.a.numpy()
+    direct = keras_deq.solvers.broyden(
+        lambda z: z @ a + x, tf.zeros_like(x), 6, 1e-12, memory=1
+    )
+    full = keras_deq.solvers.broyden(
+        lambda z: z @ a + x, tf.zeros_like(x), 6, 1e-12
+    )
+    # The layer returns f(z*) (the evaluation its gradient attaches to).
+    np.testing.assert_allclose(z.numpy(), direct.z @ a + x, atol=1e-6)
+    assert np.abs(full.z.numpy() - direct.z.numpy()).max() > 1e-4
+    neumann = w.numpy() @ (np.eye(d) + a.T + a.T @ a.T)
+    grad = tape.gradient(loss, x).numpy()
+    np.testing.assert_allclose(grad, neumann, rtol=1e-4, atol=1e-5)
+    exact = w.numpy() @ np.linalg.inv(np.eye(d) - a.T)
+    assert np.abs(grad - exact).max() > 1e-2

@@ -200,6 +200,7 @@ def test_unknown_keyword_arguments_raise():
     "name, kwargs, pattern",
     [
         ("anderson", {"m": 0}, r"`m`.*m=0"),
+        ("broyden", {"memory": 0}, r"`memory`.*memory=0"),
         ("anderson", {"beta": 0.0}, r"`beta`.*beta=0.0"),
         ("anderson", {"lam": -1.0}, r"`lam`.*lam=-1.0"),
         ("fixed_point", {"damping": 1.5}, r"`damping`.*damping=1.5"),
@@ -217,3 +218,67 @@ def test_damped_fixed_point_follows_its_update_rule():
     # z1 = 0.25 · f(0) + 0.75 · 0 = 0.25, whose relative residual
     # 0.875 / 1.125 is below z0's 1, so it is the one returned.
     np.testing.assert_allclose(result.z.numpy(), [[0.25]])
+
+
+def dense_broyden(f, z0, max_iter, memory):
+    """Good Broyden with an explicit inverse-Jacobian matrix, in NumPy.
+
+    Keeps the latest `memory` rank-one pairs: B = −I + Σ u vᵀ over them. A
+    new pair comes from the current B (u = (dz − B dg) / (dzᵀ B dg),
+    vᵀ = dzᵀ B) and then replaces the oldest. Returns every iterate.
+    """
+    d = z0.shape[0]
+    pairs = []
+
+    def inverse():
+        return -np.eye(d) + sum((np.outer(u, v) for u, v in pairs), 0)
+
+    z, g = z0, f(z0) - z0
+    z_prev = g_prev = None
+    iterates = [z]
+    for _ in range(max_iter - 1):
+        if z_prev is not None:
+            b = inverse()
+            dz, dg = z - z_prev, g - g_prev
+            bdg = b @ dg
+            u = (dz - bdg) / (dz @ bdg)
+            v = b.T @ dz
+            pairs = (pairs + [(u, v)])[-memory:]
+        z_prev, g_prev = z, g
+        z = z - inverse() @ g
+        g = f(z) - z
+        iterates.append(z)
+    return iterates
+
+
+@pytest.mark.parametrize("memory", [None, 3, 1])
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_broyden_follows_dense_reference(memory, mode):
+    # ρ = 1.2: plain iteration diverges, and 9 steps do not finish the
+    # solve, so the returned iterate depends on every update.
+    rng = np.random.default_rng(3)
+    d, iters = 12, 10
+    a = rng.normal(size=(d, d))
+    a *= 1.2 / np.max(np.abs(np.linalg.eigvals(a)))
+    b = rng.normal(size=(2, d))
+    ref = []
+    for row in b:
+        path = dense_broyden(
+            lambda z, row=row: a @ z + row, np.zeros(d), iters, memory or d
+        )
+        res = [np.linalg.norm(a @ z + row - z) for z in path]
+        ref.append(path[int(np.argmin(res))])
+
+    def solve(z0):
+        f = lambda z: tf.matmul(z, a, transpose_b=True) + b  # noqa: E731
+        return solvers.broyden(f, z0, iters, 1e-30, "abs", memory=memory)
+
+    if mode != "eager":
+        solve = tf.function(solve, jit_compile=mode == "xla")
+    z0 = tf.zeros([2, d], tf.float64)
+    for _ in range(3):  # the in-place history must start empty every call
+        result = solve(z0)
+        np.testing.assert_allclose(result.z.numpy(), np.stack(ref), rtol=1e-8)
+    if memory == 1:
+        full = solvers.broyden(lambda z: z @ a.T + b, z0, iters, 1e-30, "abs")
+        assert np.abs(full.z.numpy() - result.z.numpy()).max() > 1e-3

@@ -1,0 +1,99 @@
+"""Solver histories that are written in place inside a `tf.while_loop`.
+
+Broyden and Anderson keep a few `[B, d]` vectors per sample from earlier
+iterations. Written functionally (`tf.tensor_scatter_nd_update`), every step
+copies the whole history: on a `[32, 32·32·64]` state with ten slots that is
+two 84 MB copies per step, more time than the evaluation of f, and the copy
+doubles the history's peak memory.
+
+A history here is one `[n, B, slots, d]` tensor holding `n` histories of
+`slots` vectors per sample, batch-major, so products with one of them are
+batched matrix-vector products. In a graph that XLA does not compile, slots
+are written with `InplaceUpdate`, which overwrites rows of its input's buffer:
+the buffer comes from `Empty` (a `tf.zeros` buffer may be folded into a
+constant that every call would then share and overwrite), is created anew by
+every solve, and each write waits for every read of the buffer that came
+before it (the solvers write first in a step and read after). Under XLA the
+write is a dynamic-update-slice, which XLA performs in place when nothing
+reads the old buffer afterwards; eagerly it is `tensor_scatter_nd_update`.
+"""
+
+import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla
+from tensorflow.python.ops import control_flow_util
+
+
+def _mode() -> str:
+    """How to write: "in_place", "xla" or (eagerly) "scatter"."""
+    if not tf.inside_function():
+        return "scatter"
+    graph = tf.compat.v1.get_default_graph()
+    if control_flow_util.GraphOrParentsInXlaContext(graph):
+        return "xla"
+    return "in_place"
+
+
+def new(z0: tf.Tensor, count: int, slots: int) -> tf.Tensor:
+    """`count` zero-filled histories of `slots` vectors like each row of z0."""
+    shape = tf.shape(z0)
+    full = tf.stack([count, shape[0], slots, shape[1]])
+    if _mode() == "in_place":
+        return tf.raw_ops.Empty(shape=full, dtype=z0.dtype, init=True)
+    return tf.zeros(full, z0.dtype)
+
+
+def read(history: tf.Tensor, index: int) -> tf.Tensor:
+    """History `index` as `[B, slots, d]` (no copy)."""
+    return history[index]
+
+
+def write(
+    history: tf.Tensor,
+    slot: tf.Tensor,
+    values: list[tf.Tensor],
+    slots: int,
+    after: list[tf.Tensor],
+) -> tf.Tensor:
+    """Puts `values[i]` (`[B, d]`) into slot `slot` of history `i`.
+
+    Args:
+        history: a tensor from `new`.
+        slot: scalar int32 slot, the same for every sample.
+        values: one `[B, d]` tensor per history.
+        slots: slots per sample, as given to `new`.
+        after: every tensor computed from `history` in this iteration; the
+            write runs after them.
+
+    Returns:
+        The updated history (in a graph, the same buffer).
+    """
+    count = len(values)
+    shape = tf.shape(history)
+    mode = _mode()
+    if mode == "xla":
+        # One [count, B, 1, d] block at `slot` of the [count, B, slots, d]
+        # view: a dynamic-update-slice, which XLA performs in place on a
+        # loop-carried buffer (a scatter there copies the buffer).
+        zero = tf.zeros([], slot.dtype)
+        with tf.control_dependencies(after):
+            return xla.dynamic_update_slice(
+                history,
+                tf.stack(values)[:, :, None, :],
+                tf.stack([zero, zero, slot, zero]),
+            )
+    batch = tf.shape(values[0])[0]
+    per_sample = tf.range(batch) * slots + slot
+    rows = tf.concat(
+        [per_sample + i * batch * slots for i in range(count)], axis=0
+    )
+    with tf.control_dependencies(after):
+        flat = tf.reshape(history, tf.stack([-1, shape[3]]))
+        if mode == "in_place":
+            flat = tf.raw_ops.InplaceUpdate(
+                x=flat, i=rows, v=tf.concat(values, axis=0)
+            )
+        else:
+            flat = tf.tensor_scatter_nd_update(
+                flat, rows[:, None], tf.concat(values, axis=0)
+            )
+    return tf.reshape(flat, shape)
