@@ -51,7 +51,6 @@ def write(
     history: tf.Tensor,
     slot: tf.Tensor,
     values: list[tf.Tensor],
-    slots: int,
     after: list[tf.Tensor],
 ) -> tf.Tensor:
     """Puts `values[i]` (`[B, d]`) into slot `slot` of history `i`.
@@ -60,15 +59,16 @@ def write(
         history: a tensor from `new`.
         slot: scalar int32 slot, the same for every sample.
         values: one `[B, d]` tensor per history.
-        slots: slots per sample, as given to `new`.
-        after: every tensor computed from `history` in this iteration; the
-            write runs after them.
+        after: tensors the write must wait for: ones computed from an
+            earlier read of the buffer that the write's inputs do not
+            already depend on.
 
     Returns:
         The updated history (in a graph, the same buffer).
     """
     count = len(values)
     shape = tf.shape(history)
+    slots = shape[2]
     mode = _mode()
     if mode == "xla":
         # One [count, B, 1, d] block at `slot` of the [count, B, slots, d]

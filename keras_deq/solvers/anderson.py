@@ -76,7 +76,7 @@ def anderson(
         slot = step % m
         # Every read of the history below depends on this write, and the
         # next write depends (through f) on the iterate those reads give.
-        hist = _history.write(hist, slot, [fz, g], m, after=[])
+        hist = _history.write(hist, slot, [fz, g], after=[])
         fs = _history.read(hist, 0)
         gs = _history.read(hist, 1)
         row = tf.linalg.matvec(gs, g)

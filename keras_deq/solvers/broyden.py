@@ -82,9 +82,7 @@ def broyden(
         hist, pending, step, z_prev, g_prev = state
         u_prev, vt_prev, slot_prev = pending
         # After `fz`, which comes after every read of the previous step.
-        hist = _history.write(
-            hist, slot_prev, [u_prev, vt_prev], slots, after=[fz]
-        )
+        hist = _history.write(hist, slot_prev, [u_prev, vt_prev], after=[fz])
         us = _history.read(hist, 0)
         vts = _history.read(hist, 1)
         g = fz - z
