@@ -49,7 +49,10 @@ def mirrored():
 def _fresh_keras_state():
     import keras
 
-    keras.utils.clear_session()
+    # Without free_memory=False this runs a full gc.collect before every
+    # test, which takes seconds once the suite has traced many graphs;
+    # Python's own collector still runs.
+    keras.utils.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
     keras.mixed_precision.set_global_policy("float32")

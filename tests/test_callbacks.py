@@ -261,3 +261,54 @@ def test_spectral_radius_monitor_needs_layer_inputs():
     model(x)
     with pytest.raises(ValueError, match="functional or Sequential"):
         model.fit(x, y, verbose=0, callbacks=[SpectralRadiusMonitor(x)])
+
+
+def test_unrolled_pretraining_trains_as_an_unrolled_layer_then_switches():
+    """The first steps equal training a `gradient="unrolled"` layer with
+    `max_iter=iters`; the switch follows the optimizer step, so a second
+    `fit` resumes in the right phase and then runs the layer as built."""
+    x, y = data(48)
+
+    def build(**deq_kwargs):
+        keras.utils.set_random_seed(0)
+        layer = keras_deq.DEQLayer(TanhCell(units=D), name="deq", **deq_kwargs)
+        return model_with(layer), layer
+
+    reference, _ = build(gradient="unrolled", max_iter=2)
+    reference.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    model, deq = build(max_iter=10, tol=1e-12)
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(
+            (deq.gradient, deq.max_iter)
+        )
+    )
+    pretraining = keras_deq.callbacks.UnrolledPretraining(4, 2)
+    history = model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[pretraining, record],
+    ).history
+    assert seen == [("unrolled", 2)] * 3
+    assert history["deq_forward_nfe"] == [2.0]
+    for got, want in zip(model.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    # Outside fit the layer is as built again.
+    assert (deq.gradient, deq.max_iter) == ("implicit", 10)
+
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[pretraining, record],
+    )
+    assert seen[3:] == [("unrolled", 2)] + [("implicit", 10)] * 2
+    assert (deq.gradient, deq.max_iter) == ("implicit", 10)

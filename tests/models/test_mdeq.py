@@ -72,6 +72,9 @@ def test_keras_file_and_saved_model_give_identical_predictions(tmp_path):
     np.testing.assert_allclose(reloaded.serve(x).numpy(), expected, atol=1e-5)
 
 
+# Two MDEQ traces (unrolled, then implicit): ~25 s. The callback itself is
+# checked against an unrolled layer in tests/test_callbacks.py.
+@pytest.mark.large
 def test_unrolled_pretraining_switches_after_the_given_steps():
     model = MDEQClassifier(3, **SMALL)
     deq = model.get_layer("deq")
