@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +143,6 @@ def test_memory_script(tmp_path):
     assert "/ smallest max_iter" in stdout
 
 
-@pytest.mark.large  # four small trainings: ~40 s, and the suite is near 10 min
 def test_nfe_vs_jacobian_script(tmp_path):
     plot = tmp_path / "nfe.png"
     output = tmp_path / "nfe.json"
@@ -157,6 +155,8 @@ def test_nfe_vs_jacobian_script(tmp_path):
             "--epochs_1d=1",
             "--epochs_images=1",
             "--num_images=64",
+            "--image_classes=3",
+            "--seeds=0",
             "--cap=5",
             f"--output={output}",
             f"--plot={plot}",
@@ -176,6 +176,49 @@ def test_nfe_vs_jacobian_script(tmp_path):
         ("images", 4.0),
     ]
     for r in results:
+        assert r["seed"] == 0
         assert 1 <= r["nfe"] <= r["cap"] == 5
         assert np.isfinite(r["loss"]) and r["residual"] >= 0
+        assert 0 < r["spectral_radius"] < 10
+        if r["task"] == "1d":
+            assert r["accuracy"] is None
+        else:
+            assert 0 <= r["accuracy"] <= 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nfe_vs_jacobian_averages_each_gamma_over_its_seeds():
+    from benchmarks import nfe_vs_jacobian
+
+    def run(task, gamma, seed, nfe, accuracy):
+        return {
+            "task": task,
+            "gamma": gamma,
+            "seed": seed,
+            "nfe": nfe,
+            "residual": 1e-4 * nfe,
+            "spectral_radius": 0.01 * nfe,
+            "loss": 0.1 * nfe,
+            "accuracy": accuracy,
+        }
+
+    summary = nfe_vs_jacobian.summarize(
+        [
+            run("images", 0.0, 0, 40.0, 0.8),
+            run("images", 0.0, 1, 30.0, 0.9),
+            run("images", 4.0, 0, 20.0, 0.7),
+            run("1d", 0.0, 0, 5.0, None),
+        ]
+    )
+    assert [(r["task"], r["gamma"], r["seeds"]) for r in summary] == [
+        ("images", 0.0, 2),
+        ("images", 4.0, 1),
+        ("1d", 0.0, 1),
+    ]
+    np.testing.assert_allclose(
+        [r["nfe"] for r in summary], [35.0, 20.0, 5.0], rtol=1e-12
+    )
+    np.testing.assert_allclose(summary[0]["loss"], 3.5, rtol=1e-12)
+    np.testing.assert_allclose(summary[0]["spectral_radius"], 0.35, rtol=1e-12)
+    np.testing.assert_allclose(summary[0]["accuracy"], 0.85, rtol=1e-12)
+    assert summary[2]["accuracy"] is None
