@@ -16,8 +16,9 @@ then counts the Broyden steps each needs at inference to reach relative
 residual 1e-3 (cap `--cap`, 50), per held-out sample, and reports them with
 the median spectral radius of J_f at the equilibria, the held-out task loss
 (MSE for 1-D, cross-entropy for images) and, for images, the held-out
-accuracy. Every (task, γ) is trained once per seed in
-`--seeds`; the table shows the mean over seeds, the JSON every run.
+accuracy. Every (task, γ) is trained once per seed in `--seeds` (the seed
+picks the generated data and the initialisation); the table shows the mean
+over seeds, the JSON every run.
 
     python -m benchmarks.nfe_vs_jacobian --gammas=0,1,4,10 --seeds=0,1
 
@@ -210,12 +211,18 @@ def main(argv):
         raise app.UsageError(
             f"--image_classes takes 2 to 10. Got {_IMAGE_CLASSES.value}"
         )
-    seeds = [int(s) for s in _SEEDS.value]
-    if not seeds:
-        raise app.UsageError("--seeds needs at least one seed.")
+    try:
+        seeds = [int(s) for s in _SEEDS.value]
+        gammas = [float(g) for g in _GAMMAS.value]
+    except ValueError as error:
+        raise app.UsageError(
+            f"--seeds takes integers and --gammas numbers: {error}"
+        ) from None
+    if not seeds or not gammas:
+        raise app.UsageError("--seeds and --gammas need one value or more.")
     results = []
     for task in _TASKS.value:
-        for gamma in (float(g) for g in _GAMMAS.value):
+        for gamma in gammas:
             for seed in seeds:
                 if task == "1d":
                     r = run_1d(gamma, _EPOCHS_1D.value, _CAP.value, seed)

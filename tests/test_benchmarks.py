@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,3 +223,32 @@ def test_nfe_vs_jacobian_averages_each_gamma_over_its_seeds():
     np.testing.assert_allclose(summary[0]["spectral_radius"], 0.35, rtol=1e-12)
     np.testing.assert_allclose(summary[0]["accuracy"], 0.85, rtol=1e-12)
     assert summary[2]["accuracy"] is None
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--seeds=a", "--seeds takes integers"),
+        ("--image_classes=1", "--image_classes takes 2 to 10. Got 1"),
+        ("--tasks=video", "--tasks takes 1d and images. Got video"),
+    ],
+)
+def test_nfe_vs_jacobian_rejects_bad_flags(tmp_path, flag, message):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.nfe_vs_jacobian",
+            flag,
+            f"--output={tmp_path / 'nfe.json'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "nfe.json").exists()
