@@ -213,8 +213,10 @@ class AdaptiveJacobian(_DEQCallback):
     training, averaged over the batches since its last update, and then
     multiplies γ by `factor` if that average is above `target_nfe`, divides
     it by `factor` if it is below `target_nfe − margin`, and otherwise
-    leaves it; γ stays in [`min_weight`, `max_weight`] (from γ = 0, the
-    first raise sets it to `min_weight`). Updates come at the end of every
+    leaves it. A raise stops at `max_weight` (from γ = 0 it sets
+    `min_weight`), a cut stops at `min_weight`, and γ never moves against
+    the NFE: below the target a γ under `min_weight` (e.g. 0, the penalty
+    off) stays where it is. Updates come at the end of every
     epoch, or every `update_every` batches. Each layer is steered by its own
     NFE. The penalty only acts on the steps its gate p = `layer.jac_freq`
     lets through, so p must be > 0.
@@ -312,10 +314,16 @@ class AdaptiveJacobian(_DEQCallback):
             nfe = total / count
             weight = _value(layer.jac_weight)
             if nfe > self.target_nfe:
-                weight = max(weight * self.factor, self.min_weight)
+                weight = min(
+                    max(weight * self.factor, self.min_weight),
+                    max(weight, self.max_weight),
+                )
             elif nfe < self.target_nfe - self.margin:
-                weight = weight / self.factor
-            weight = float(np.clip(weight, self.min_weight, self.max_weight))
+                # Lowering never raises: a γ already under `min_weight`
+                # (e.g. 0, the penalty off) stays where it is.
+                weight = max(
+                    weight / self.factor, min(weight, self.min_weight)
+                )
             layer.jac_weight.assign(weight)
         self._reset()
 

@@ -149,6 +149,33 @@ def test_adaptive_gamma_follows_the_forward_nfe(target, expected):
     assert np.all(np.array(history["deq_forward_nfe"]) > 9.5)
 
 
+@pytest.mark.parametrize(
+    "start, target, expected",
+    [
+        # Below the target γ never rises: from 0 (penalty off) it stays 0.
+        (0.0, 40.0, [0.0, 0.0]),
+        (0.01, 40.0, [0.01, 0.01]),
+        # Above the target, from 0 the first raise sets min_weight.
+        (0.0, 2.0, [0.04, 0.06]),
+        # Raises stop at max_weight, cuts at min_weight.
+        (0.25, 2.0, [0.3, 0.3]),
+        (0.05, 40.0, [0.04, 0.04]),
+    ],
+)
+def test_adaptive_gamma_moves_only_with_the_nfe(start, target, expected):
+    layer = keras_deq.DEQLayer(
+        TanhCell(units=D), max_iter=10, tol=1e-12, jac_weight=start, name="deq"
+    )
+    model = model_with(layer)
+    recorder = Recorder(layer)
+    adaptive = AdaptiveJacobian(
+        target, factor=1.5, min_weight=0.04, max_weight=0.3
+    )
+    x, y = data()
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[adaptive, recorder])
+    np.testing.assert_allclose([w for w, _ in recorder.epochs], expected)
+
+
 def test_adaptive_gamma_holds_inside_the_band_and_updates_by_batches():
     # A contraction with ρ ≈ 0.3 converges in a few steps at tol 1e-3.
     layer = keras_deq.DEQLayer(
