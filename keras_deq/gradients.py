@@ -32,17 +32,21 @@ def implicit(
     the variables and inputs of f receive (∂f/∂θ)ᵀ u. Nothing from the forward
     solve is kept, so memory does not depend on its number of iterations.
 
-    Each sample's linear system is solved scaled to ‖g‖ = 1 and scaled back:
-    the stopping rule is relative to ‖∂ℓ/∂z*‖, so a loss multiplied by 1e-8
-    (or by a mixed-precision loss scale) gives gradients scaled the same way
-    rather than a solve that stops at once on an absolute tolerance.
+    Each sample's linear system is solved scaled to ‖g‖ = 1 and scaled back,
+    stopping once ‖u − uJ − g‖ / ‖g‖ < `tol` (the absolute residual of the
+    scaled system): the rule is relative to ‖∂ℓ/∂z*‖, not to ‖u‖, which is
+    larger by up to 1 / (1 − ρ(J)); and a loss multiplied by 1e-8 (or by a
+    mixed-precision loss scale) gives gradients scaled the same way. The
+    `SolverResult` passed to `on_backward` reports that same ratio as its
+    `rel_residual`.
 
     Args:
         f: maps `[B, d]` to `[B, d]`.
         z_star: `[B, d]` fixed point, with no gradient of its own.
         solver: the backward solver, e.g. `keras_deq.solvers.broyden`.
         max_iter: most vector-Jacobian products in the backward solve.
-        tol: relative residual at which a sample's backward solve stops.
+        tol: residual relative to ‖g‖ at which a sample's backward solve
+            stops.
         on_backward: called with the backward `SolverResult` (for metrics).
 
     Returns:
@@ -60,10 +64,10 @@ def implicit(
             scale = tf.norm(g, axis=-1, keepdims=True)
             g_unit = tf.math.divide_no_nan(g, scale)
             result = solver(
-                lambda u: vjp(u) + g_unit, g_unit, max_iter, tol, "rel"
+                lambda u: vjp(u) + g_unit, g_unit, max_iter, tol, "abs"
             )
             if on_backward is not None:
-                on_backward(result)
+                on_backward(result._replace(rel_residual=result.abs_residual))
             return tf.cast(result.z * scale, z.dtype)
 
         return tf.identity(z), grad

@@ -179,3 +179,42 @@ def test_backward_statistics_are_recorded():
     assert 1 <= layer.backward_nfe.result().numpy() <= 50
     assert layer.backward_residual.result().numpy() < 1e-13
     assert 1 <= layer.forward_nfe.result().numpy() <= 100
+
+
+def test_backward_stops_on_a_residual_relative_to_the_incoming_gradient():
+    """f(z) = 0.99 z + x: u = g / 0.01, so ‖u‖ is 100 ‖g‖.
+
+    Stopping relative to ‖uJ + g‖ ≈ ‖u‖ (instead of ‖g‖) stops 100 times
+    too early here: the gradient came out 1% off at backward_tol 1e-4.
+    """
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(3, 5)))
+    g = tf.constant(rng.normal(size=(3, 5)) * [[1.0], [1e-6], [1e3]])
+    recorded = []
+
+    def f(z):
+        return 0.99 * z + x
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = keras_deq.gradients.implicit(
+            f,
+            tf.stop_gradient(x / 0.01),
+            keras_deq.solvers.fixed_point,
+            5000,
+            1e-4,
+            on_backward=recorded.append,
+        )
+        loss = tf.reduce_sum(z * g)
+    u = tape.gradient(loss, x).numpy()
+    g = g.numpy()
+    true_residual = np.linalg.norm(u - 0.99 * u - g, axis=-1) / np.linalg.norm(
+        g, axis=-1
+    )
+    reported = recorded[0].rel_residual.numpy()
+    assert np.all(true_residual < 1e-4), true_residual
+    np.testing.assert_allclose(reported, true_residual, rtol=1e-6)
+    error = np.linalg.norm(u - g / 0.01, axis=-1) / np.linalg.norm(
+        g / 0.01, axis=-1
+    )
+    assert np.all(error < 1e-4), error
