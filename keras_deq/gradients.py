@@ -9,6 +9,7 @@ tensor f closes over, such as the injected input.
 from collections.abc import Callable
 
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 from keras_deq import jacobian
 from keras_deq.solvers import SolverResult
@@ -63,16 +64,43 @@ def implicit(
             g = tf.cast(g, z_star.dtype)
             scale = tf.norm(g, axis=-1, keepdims=True)
             g_unit = tf.math.divide_no_nan(g, scale)
-            result = solver(
-                lambda u: vjp(u) + g_unit, g_unit, max_iter, tol, "abs"
-            )
+            # Unrecorded even under an outer tape (a persistent one, or one
+            # asking for a gradient of this gradient): see `_first_order`.
+            with record.stop_recording():
+                result = solver(
+                    lambda u: vjp(u) + g_unit, g_unit, max_iter, tol, "abs"
+                )
             if on_backward is not None:
                 on_backward(result._replace(rel_residual=result.abs_residual))
-            return tf.cast(result.z * scale, z.dtype)
+            return _first_order(tf.cast(result.z * scale, z.dtype), z)
 
         return tf.identity(z), grad
 
     return attach(z_out)
+
+
+@tf.custom_gradient
+def _first_order(u, anchor):
+    """u, whose own gradient is refused.
+
+    u depends on θ and the inputs through z* and J_f(z*), but the backward
+    solve is computed unrecorded, so an outer tape would see a constant and
+    return plausible, wrong second derivatives. `anchor` (f(z*), which the
+    tapes did record) ties u to θ and the inputs, so that any gradient of u
+    reaches this function and is refused.
+    """
+
+    def grad(_):
+        raise ValueError(
+            'DEQLayer(gradient="implicit") gives first-order gradients only; '
+            "a gradient of its gradient (a Hessian-vector product, a "
+            "gradient penalty on the inputs) is not computed. Use "
+            'gradient="unrolled" (backpropagation through the iterations, '
+            'exact for that computation) or gradient="phantom" (exact '
+            "derivatives of its damped steps from a fixed z*)."
+        )
+
+    return tf.identity(u), grad
 
 
 def phantom(

@@ -6,6 +6,7 @@ import weakref
 
 import keras
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 from keras_deq import gradients
 from keras_deq import jacobian
@@ -364,14 +365,19 @@ class DEQLayer(keras.layers.Layer):
     def _forward_solve(self, x, z0, training, masks=None):
         f, flattener = self._flat_block(x, z0, training, masks)
         solve = solvers.get(self.solver)
-        result = solve(
-            f,
-            flattener.flatten(z0),
-            self.max_iter,
-            self.tol,
-            self.stop_mode,
-            **self.solver_options,
-        )
+        # No tape may record the solve (persistent and nested ones
+        # included): its in-place histories have no gradient, and the
+        # gradient of z* is the backward's, never the iterations'. This is
+        # the scope `tf.recompute_grad` uses for the same purpose.
+        with record.stop_recording():
+            result = solve(
+                f,
+                flattener.flatten(z0),
+                self.max_iter,
+                self.tol,
+                self.stop_mode,
+                **self.solver_options,
+            )
         return tf.nest.map_structure(tf.stop_gradient, result)
 
     def call(self, x, training=None):
