@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import inspect
 import weakref
 
 import keras
@@ -58,8 +59,11 @@ class DEQLayer(keras.layers.Layer):
     Args:
         block: a `keras.layers.Layer` whose `call(z, x, training=None)`
             returns the next state, with the structure, shapes and dtype of
-            `z`. If it has a method `initial_state(x)`, that gives the first
-            iterate; otherwise the state is zeros shaped like `x`.
+            `z`; or any layer whose `call` takes one tensor (a `Dense`, a
+            `keras.Sequential`), which is applied to the injected state:
+            z ← block(z + x), so z and x must have the same shape. If it
+            has a method `initial_state(x)`, that gives the first iterate;
+            otherwise the state is zeros shaped like `x`.
         solver: forward solver, `"broyden"`, `"anderson"`, `"fixed_point"`
             or a name registered with `keras_deq.solvers.register`. Defaults
             to `"broyden"`.
@@ -171,6 +175,7 @@ class DEQLayer(keras.layers.Layer):
                 f"the next state. Received: block={block!r} of type "
                 f"{type(block).__name__}"
             )
+        self._injected = _takes_one_tensor(block)
         validation.check_choice("solver", solver, solvers.names())
         if backward_solver is not None:
             validation.check_choice(
@@ -261,10 +266,8 @@ class DEQLayer(keras.layers.Layer):
         # A symbolic call builds the block the way Keras builds any layer
         # (also under a distribution strategy) and gives its output shapes,
         # which are checked even when the block came built.
-        z1 = self.block(
-            _keras_tensors(self._state_spec),
-            _keras_tensors(x_spec),
-            training=False,
+        z1 = self._apply_block(
+            _keras_tensors(self._state_spec), _keras_tensors(x_spec), False
         )
         self._check_block_output(self._state_spec, z1)
         self._check_sample_axes(self._state_spec)
@@ -290,6 +293,21 @@ class DEQLayer(keras.layers.Layer):
             z0 = tf.nest.map_structure(tf.zeros_like, x)
         dtype = self.block.compute_dtype
         return tf.nest.map_structure(lambda t: tf.cast(t, dtype), z0)
+
+    def _apply_block(self, z, x, training):
+        if not self._injected:
+            return self.block(z, x, training=training)
+        try:
+            tf.nest.assert_same_structure(z, x)
+            injected = tf.nest.map_structure(lambda a, b: a + b, z, x)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"The block {self.block.name!r} takes one tensor, so it is "
+                "applied to z + x, which needs a state with the structure "
+                f"and shapes of the input. State: {_describe(z)}, input: "
+                f"{_describe(x)}."
+            ) from None
+        return self.block(injected, training=training)
 
     def _check_block_output(self, z0, z1):
         try:
@@ -357,7 +375,7 @@ class DEQLayer(keras.layers.Layer):
             with contextlib.ExitStack() as stack:
                 for dropout, mask in zip(dropouts, masks or [], strict=True):
                     stack.enter_context(dropout.fixed_mask(mask))
-                out = self.block(flattener.unflatten(z), x, training=training)
+                out = self._apply_block(flattener.unflatten(z), x, training)
             return flattener.flatten(out)
 
         return f, flattener
@@ -534,6 +552,28 @@ class DEQLayer(keras.layers.Layer):
             config.pop("block"), custom_objects=custom_objects
         )
         return cls(block, **config)
+
+
+def _takes_one_tensor(block):
+    """Whether `block.call` takes one tensor (else it takes `z, x`)."""
+    params = inspect.signature(block.call).parameters.values()
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.name not in ("training", "mask")
+    ]
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in params)
+    if len(positional) == 2 or (len(positional) < 2 and variadic):
+        return False
+    if len(positional) == 1:
+        return True
+    raise TypeError(
+        "The block's `call` must take the state and the input, "
+        "`call(z, x, training=None)`, or one tensor, `call(inputs)` (it is "
+        "then applied to z + x). Received: a block of type "
+        f"{type(block).__name__} with call{inspect.signature(block.call)}"
+    )
 
 
 def _keras_tensors(specs):

@@ -358,3 +358,58 @@ def test_solver_options_reach_the_forward_and_backward_solves():
     np.testing.assert_allclose(grad, neumann, rtol=1e-4, atol=1e-5)
     exact = w.numpy() @ np.linalg.inv(np.eye(d) - a.T)
     assert np.abs(grad - exact).max() > 1e-2
+
+
+def test_a_one_tensor_block_is_applied_to_the_injected_state():
+    """z* = tanh((z* + x) W + b), against plain iteration in NumPy."""
+    dense = keras.layers.Dense(
+        4,
+        activation="tanh",
+        kernel_initializer=keras.initializers.Orthogonal(0.5, seed=1),
+        bias_initializer="random_normal",
+    )
+    layer = keras_deq.DEQLayer(dense, tol=1e-6, max_iter=60)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    out = layer(x).numpy()
+    w, b = dense.kernel.numpy(), dense.bias.numpy()
+    z = np.zeros_like(x)
+    for _ in range(200):
+        z = np.tanh((z + x) @ w + b)
+    np.testing.assert_allclose(out, z, atol=1e-5)
+
+
+def test_model_add_deq_of_a_sequential_block_trains():
+    model = keras.Sequential([keras.Input((6,))])
+    model.add(
+        keras_deq.DEQLayer(
+            keras.Sequential(
+                [
+                    keras.layers.Dense(12, activation="relu"),
+                    keras.layers.Dense(6, activation="tanh"),
+                ]
+            ),
+            name="deq",
+        )
+    )
+    model.add(keras.layers.Dense(1))
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    history = model.fit(x, x[:, :1], epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["loss"]))
+    assert 1 <= history["deq_forward_nfe"][-1] <= 30
+    restored = keras.Sequential.from_config(model.get_config())
+    assert isinstance(restored.get_layer("deq").block, keras.Sequential)
+
+
+def test_one_tensor_block_needs_matching_shapes_and_other_calls_raise():
+    layer = keras_deq.DEQLayer(keras.layers.Dense(3))
+    with pytest.raises(ValueError, match="block output shape: \\(2, 3\\)"):
+        layer(np.zeros((2, 5), "float32"))
+
+    class ThreeInputs(keras.layers.Layer):
+        def call(self, z, x, y):
+            return z
+
+    with pytest.raises(TypeError, match="call\\(z, x, training=None\\).*"):
+        keras_deq.DEQLayer(ThreeInputs())
