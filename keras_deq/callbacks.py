@@ -321,9 +321,7 @@ class AdaptiveJacobian(_DEQCallback):
             elif nfe < self.target_nfe - self.margin:
                 # Lowering never raises: a γ already under `min_weight`
                 # (e.g. 0, the penalty off) stays where it is.
-                weight = max(
-                    weight / self.factor, min(weight, self.min_weight)
-                )
+                weight = max(weight / self.factor, min(weight, self.min_weight))
             layer.jac_weight.assign(weight)
         self._reset()
 
