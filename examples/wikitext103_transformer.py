@@ -84,7 +84,12 @@ def define_flags():
     flags.DEFINE_integer("intermediate_dim", 48000, "Feed-forward width.")
     flags.DEFINE_enum("norm", "post", ["post", "pre"], "LayerNorm placement.")
     flags.DEFINE_float("dropout", 0.06, "Variational dropout rate.")
-    flags.DEFINE_float("init_stddev", 0.01, "Std of the initial weights.")
+    flags.DEFINE_float(
+        "init_stddev",
+        None,
+        "Std of the initial weights; unset: 1/sqrt(fan_in) per projection "
+        "(0.01 is the paper's).",
+    )
     flags.DEFINE_integer("max_iter", 12, "Forward NFE threshold.")
     flags.DEFINE_integer("backward_max_iter", 12, "Backward NFE threshold.")
     flags.DEFINE_float("jac_weight", 1.6, "Jacobian penalty γ at the start.")
@@ -187,7 +192,7 @@ def build_model(
     intermediate_dim=48000,
     norm="post",
     dropout=0.06,
-    init_stddev=0.01,
+    init_stddev=None,
     max_iter=12,
     backward_max_iter=12,
     jac_weight=1.6,

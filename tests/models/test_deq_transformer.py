@@ -111,6 +111,13 @@ def test_softmax_head_is_the_transposed_embedding():
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
 def test_trains_with_the_jacobian_penalty_on(norm):
+    """Learns a deterministic successor map, beyond the token frequencies.
+
+    Calibrated on seeds 0-4 for both norms: the loss after 40 steps is
+    0.48-1.36, against log(10) = 2.30 for a model that only learns which
+    10 tokens occur (every run of the N(0, 0.01²) initialisation ended at
+    2.37 or above).
+    """
     model = DEQTransformerLM(
         VOCAB, norm=norm, jac_weight=1.6, jac_freq=1.0, **TINY
     )
@@ -122,7 +129,7 @@ def test_trains_with_the_jacobian_penalty_on(norm):
     ids = np.stack([np.roll(np.tile(np.arange(10), 3), i) for i in range(8)])
     x, y = ids[:, :-1], ids[:, 1:]
     before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
-    history = model.fit(x, y, epochs=15, batch_size=8, verbose=0).history
+    history = model.fit(x, y, epochs=40, batch_size=8, verbose=0).history
     after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     assert np.all(np.isfinite(history["loss"]))
     # p = 1: every step computed the penalty, and it is in the loss.
@@ -133,7 +140,7 @@ def test_trains_with_the_jacobian_penalty_on(norm):
             history["loss"], history["deq_jac_loss"], strict=True
         )
     )
-    assert after < before - 0.15, (before, after)  # it learns
+    assert after < np.log(10) - 0.5, (before, after)
 
 
 def test_generate_runs_the_whole_sequence_through_the_deq():

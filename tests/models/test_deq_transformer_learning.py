@@ -1,0 +1,117 @@
+"""DEQTransformerLM learns real text with its defaults (sizes aside).
+
+The text is real-world source code that ships with an installed package:
+the Python files of Keras' own `layers` package, read character by
+character (Keras is a dependency of keras_deq, so the text is always there;
+its exact content follows the installed Keras version, which is why the
+bounds are ratios to baselines trained on the same text, not numbers).
+"""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_deq.models import DEQTransformerLM
+
+
+def keras_source_text(num_chars):
+    root = os.path.join(os.path.dirname(keras.__file__), "src", "layers")
+    files = sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
+    text = "".join(open(f, encoding="utf-8").read() for f in files)
+    assert len(text) >= num_chars, len(text)
+    return text[:num_chars]
+
+
+def char_windows(num_chars, seq_len, held_out=0.1):
+    """Train/held-out `(inputs, targets)` windows and the vocabulary size."""
+    text = keras_source_text(num_chars)
+    chars = sorted(set(text))
+    ids = np.array([chars.index(c) for c in text], np.int32)
+    cut = int(len(ids) * (1 - held_out))
+
+    def windows(part):
+        n = (len(part) - 1) // seq_len
+        x = part[: n * seq_len].reshape(n, seq_len)
+        return x, part[1 : n * seq_len + 1].reshape(n, seq_len)
+
+    return windows(ids[:cut]), windows(ids[cut:]), len(chars)
+
+
+def unigram_perplexity(train_targets, test_targets, vocab_size):
+    counts = np.bincount(train_targets.ravel(), minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(np.exp(-log_p[test_targets.ravel()].mean()))
+
+
+def explicit_transformer(vocab_size, width, num_heads, intermediate, length):
+    """One causal post-LN transformer layer of the same width: the baseline."""
+    import keras_hub
+
+    tokens = keras.Input((None,), dtype="int32")
+    h = keras_hub.layers.TokenAndPositionEmbedding(vocab_size, length, width)(
+        tokens
+    )
+    h = keras_hub.layers.TransformerDecoder(intermediate, num_heads)(h)
+    return keras.Model(tokens, keras.layers.Dense(vocab_size)(h))
+
+
+def held_out_perplexity(model, train, test, epochs, batch_size=32):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(
+        *train, batch_size=batch_size, epochs=epochs, verbose=0
+    ).history
+    loss = model.evaluate(
+        *test, batch_size=batch_size, verbose=0, return_dict=True
+    )["loss"]
+    return float(np.exp(loss)), history
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_learns_real_text_beyond_token_frequencies(norm):
+    """Width 64, three passes over 100k characters, penalty on (defaults).
+
+    Calibrated on seeds 0-2 per norm: 0.457-0.476 × unigram (post-LN) and
+    0.445-0.461 (pre-LN); with the former N(0, 0.01²) initialisation the
+    model stays at the unigram perplexity.
+    """
+    train, test, vocab = char_windows(100_000, 32)
+    unigram = unigram_perplexity(train[1], test[1], vocab)
+    model = DEQTransformerLM(
+        vocab, hidden_dim=64, num_heads=4, intermediate_dim=128, norm=norm
+    )
+    perplexity, history = held_out_perplexity(model, train, test, epochs=3)
+    assert min(history["deq_jac_loss"]) > 0  # the penalty was on
+    assert perplexity <= 0.6 * unigram, (perplexity, unigram)
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_learns_real_text_like_an_explicit_transformer(norm):
+    """Width 128, sequences of 64, batch 32, Adam 1e-3, two epochs.
+
+    Measured per seed 0/1/2 (held-out perplexity; explicit baseline 5.51 /
+    5.81 / 6.08, unigram 20.70): post-LN 6.71 / 5.93 / 7.68, pre-LN 6.30 /
+    5.71 / 6.94, i.e. 0.28-0.37 × unigram and 0.98-1.26 × the baseline.
+    The penalty costs perplexity at this width (post-LN seed 0: 4.93
+    without it, at forward NFE 11.7 instead of 8.7), so the bound against
+    the baseline is 1.3 here, not yet the 1.2 the model should reach.
+    """
+    train, test, vocab = char_windows(400_000, 64)
+    unigram = unigram_perplexity(train[1], test[1], vocab)
+    baseline, _ = held_out_perplexity(
+        explicit_transformer(vocab, 128, 4, 256, 64), train, test, epochs=2
+    )
+    keras.utils.set_random_seed(0)
+    model = DEQTransformerLM(
+        vocab, hidden_dim=128, num_heads=4, intermediate_dim=256, norm=norm
+    )
+    perplexity, history = held_out_perplexity(model, train, test, epochs=2)
+    assert min(history["deq_jac_loss"]) > 0
+    assert perplexity <= 0.5 * unigram, (perplexity, unigram)
+    assert perplexity <= 1.3 * baseline, (perplexity, baseline)
