@@ -219,11 +219,14 @@ def _progress(gamma, epochs, every=10):
     def report(epoch, logs):
         if (epoch + 1) % every and epoch + 1 != epochs:
             return
+        # NaN: the penalty's gate stayed off, nothing was measured.
+        penalty = logs["deq_jac_loss"]
+        penalty = "off" if np.isnan(penalty) else f"{penalty:.4f}"
         print(
             f"  γ = {gamma:g}  epoch {epoch + 1:>3}/{epochs}  loss "
             f"{logs['loss']:.4f}  forward NFE {logs['deq_forward_nfe']:.2f}  "
             f"backward NFE {logs['deq_backward_nfe']:.2f}  Jacobian penalty "
-            f"{logs['deq_jac_loss']:.4f}",
+            f"{penalty}",
             flush=True,
         )
 

@@ -45,7 +45,10 @@ class DEQLayer(keras.layers.Layer):
     the block per sample and mean relative residual of the forward solve),
     with implicit gradients `{name}_backward_nfe` and
     `{name}_backward_residual`, and `{name}_jac_loss`, the Jacobian penalty
-    averaged over the training steps that computed it.
+    averaged over the training steps that computed it. A statistic that
+    nothing measured since its last reset reads NaN, never 0: the backward
+    and penalty statistics in `evaluate` and in validation logs, the
+    penalty while its gate stayed off.
 
     Jacobian regularization: while training, each call draws τ ~ Bernoulli(p)
     with p = `jac_freq`; when τ = 1 and γ = `jac_weight` > 0 the layer adds
@@ -235,18 +238,16 @@ class DEQLayer(keras.layers.Layer):
             seed, name="jac_seed_generator"
         )
 
-        self.forward_nfe = keras.metrics.Mean(name=f"{self.name}_forward_nfe")
-        self.forward_residual = keras.metrics.Mean(
+        self.forward_nfe = MeasuredMean(name=f"{self.name}_forward_nfe")
+        self.forward_residual = MeasuredMean(
             name=f"{self.name}_forward_residual"
         )
         if gradient == "implicit":
-            self.backward_nfe = keras.metrics.Mean(
-                name=f"{self.name}_backward_nfe"
-            )
-            self.backward_residual = keras.metrics.Mean(
+            self.backward_nfe = MeasuredMean(name=f"{self.name}_backward_nfe")
+            self.backward_residual = MeasuredMean(
                 name=f"{self.name}_backward_residual"
             )
-        self.jac_loss = keras.metrics.Mean(name=f"{self.name}_jac_loss")
+        self.jac_loss = MeasuredMean(name=f"{self.name}_jac_loss")
         self._state_spec = None
 
     def build(self, x_shape):
@@ -460,7 +461,9 @@ class DEQLayer(keras.layers.Layer):
             estimate = jacobian.frobenius_estimate(
                 f, z_star, self.jac_samples, seed=self._seed_generator
             )
-            return gamma * tf.reduce_mean(estimate)
+            # An empty batch adds 0, not the NaN of an empty mean.
+            size = tf.cast(tf.size(estimate), dtype)
+            return gamma * tf.math.divide_no_nan(tf.reduce_sum(estimate), size)
 
         value = tf.cond(gate, penalty, lambda: tf.zeros((), dtype))
         self.add_loss(tf.cast(value, self.variable_dtype))
@@ -552,6 +555,17 @@ class DEQLayer(keras.layers.Layer):
             config.pop("block"), custom_objects=custom_objects
         )
         return cls(block, **config)
+
+
+class MeasuredMean(keras.metrics.Mean):
+    """A mean that reads NaN, not 0, when it has no values to average."""
+
+    def result(self):
+        return tf.where(
+            self.count > 0,
+            tf.math.divide_no_nan(self.total, self.count),
+            tf.constant(float("nan"), self.dtype),
+        )
 
 
 def _takes_one_tensor(block):

@@ -413,3 +413,32 @@ def test_one_tensor_block_needs_matching_shapes_and_other_calls_raise():
 
     with pytest.raises(TypeError, match="call\\(z, x, training=None\\).*"):
         keras_deq.DEQLayer(ThreeInputs())
+
+
+def test_statistics_nothing_measured_read_nan_not_zero():
+    x, y = data(n=64)
+    model = compile_model(classifier(jac_weight=0.5))
+    history = model.fit(
+        x, y, batch_size=32, epochs=1, verbose=0, validation_data=(x, y)
+    ).history
+    # Training measured everything; validation only the forward solve.
+    for key in ("backward_nfe", "backward_residual", "jac_loss"):
+        assert np.isfinite(history[f"deq_{key}"][0]), key
+        assert np.isnan(history[f"val_deq_{key}"][0]), key
+    assert np.isfinite(history["val_deq_forward_nfe"][0])
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert logs["deq_forward_nfe"] >= 1
+    for key in ("backward_nfe", "backward_residual", "jac_loss"):
+        assert np.isnan(logs[f"deq_{key}"]), key
+
+
+def test_an_empty_batch_with_the_penalty_on_adds_zero():
+    layer = keras_deq.DEQLayer(TanhCell(units=4), jac_weight=1.0)
+    layer(np.zeros((2, 4), "float32"))
+    with tf.GradientTape() as tape:
+        out = layer(tf.zeros((0, 4)), training=True)
+        loss = tf.reduce_sum(out) + sum(layer.losses)
+    assert out.shape == (0, 4)
+    assert float(sum(layer.losses)) == 0.0
+    grads = tape.gradient(loss, layer.trainable_variables)
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
