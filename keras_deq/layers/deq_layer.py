@@ -17,9 +17,11 @@ from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 from keras_deq.utils.state import StateFlattener
 
-# Eager calls run the forward solve through a per-layer `tf.function`, so an
-# active GradientTape records one op instead of every solver iteration. Kept
-# outside the layer so that SavedModel export does not try to save it.
+# Eager calls run the forward solve through a `tf.function` (an eager
+# `tf.while_loop` would run op by op), one per layer and solver settings, so
+# that settings changed after a call take effect. Kept outside the layer so
+# that SavedModel export does not try to save it; the functions reach the
+# layer through a weak reference only, so the cache never keeps it alive.
 _EAGER_SOLVES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -472,11 +474,24 @@ class DEQLayer(keras.layers.Layer):
         )
 
     def _eager_solve(self, x, z0, training, masks=None):
-        fn = _EAGER_SOLVES.get(self)
-        if fn is None:
-            fn = tf.function(self._forward_solve, reduce_retracing=True)
-            _EAGER_SOLVES[self] = fn
-        return fn(x, z0, training, masks)
+        settings = repr(
+            (
+                self.solver,
+                self.max_iter,
+                self.tol,
+                self.stop_mode,
+                sorted(self.solver_options.items()),
+            )
+        )
+        functions = _EAGER_SOLVES.setdefault(self, {})
+        if settings not in functions:
+            layer = weakref.ref(self)
+
+            def solve(x, z0, training, masks):
+                return layer()._forward_solve(x, z0, training, masks)
+
+            functions[settings] = tf.function(solve, reduce_retracing=True)
+        return functions[settings](x, z0, training, masks)
 
     def spectral_radius(self, x, num_iters: int = 50) -> tf.Tensor:
         """Power-method estimate of ρ(J_f(z*)) at the equilibrium of `x`.

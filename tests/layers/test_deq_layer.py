@@ -442,3 +442,33 @@ def test_an_empty_batch_with_the_penalty_on_adds_zero():
     assert float(sum(layer.losses)) == 0.0
     grads = tape.gradient(loss, layer.trainable_variables)
     assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_settings_changed_after_an_eager_call_take_effect():
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype("float32")
+    layer = keras_deq.DEQLayer(TanhCell(units=4, w_norm=0.9), tol=1e-6)
+    layer(x)
+    assert layer.forward_nfe.result().numpy() > 4
+    layer.max_iter = 2
+    layer.solver = "fixed_point"
+    for call in (layer, tf.function(layer)):
+        layer.forward_nfe.reset_state()
+        out = call(x)
+        assert layer.forward_nfe.result().numpy() == 2.0
+        # Two evaluations of a contraction: z0 = 0 and z1 = f(0) have been
+        # scored, and z1 has the lower residual.
+        z1 = layer.block(np.zeros((4, 4), "float32"), x).numpy()
+        np.testing.assert_allclose(out, z1, atol=1e-6)
+
+
+def test_a_layer_called_eagerly_is_garbage_collected():
+    import gc
+    import weakref
+
+    layer = keras_deq.DEQLayer(TanhCell(units=4))
+    layer(np.ones((2, 4), "float32"))
+    layer.spectral_radius(np.ones((2, 4), "float32"), num_iters=3)
+    ref = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert ref() is None
