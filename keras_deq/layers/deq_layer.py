@@ -272,6 +272,7 @@ class DEQLayer(keras.layers.Layer):
         z1 = self._apply_block(
             _keras_tensors(self._state_spec), _keras_tensors(x_spec), False
         )
+        self.block._clear_losses()  # symbolic ones, from the call above
         self._check_block_output(self._state_spec, z1)
         self._check_sample_axes(self._state_spec)
         for name, value in self._jac_config.items():
@@ -375,6 +376,10 @@ class DEQLayer(keras.layers.Layer):
         dropouts = self._dropouts() if masks is not None else []
 
         def f(z):
+            # The block's own losses (activity regularizers, add_loss) of
+            # the previous evaluation are dropped: only those of the last
+            # one stay, which `call` takes at z* (see `_take_block_losses`).
+            self.block._clear_losses()
             with contextlib.ExitStack() as stack:
                 for dropout, mask in zip(dropouts, masks or [], strict=True):
                     stack.enter_context(dropout.fixed_mask(mask))
@@ -446,11 +451,28 @@ class DEQLayer(keras.layers.Layer):
                 z = gradients.phantom(
                     f, z_star, self.phantom_steps, self.phantom_tau
                 )
+        # Losses the block added at the evaluation that gives the output (at
+        # z*): the solve's are inside its loop and the penalty's inside a
+        # cond, where nothing outside may read them.
+        block_losses = self._take_block_losses()
+        if block_losses:
+            self.add_loss(block_losses)
         if training:
             self._jacobian_penalty(f, z_star)
+            self.block._clear_losses()
         self.forward_nfe.update_state(tf.cast(nstep, tf.float32))
         self.forward_residual.update_state(tf.cast(rel_res, tf.float32))
         return flattener.unflatten(z)
+
+    def _take_block_losses(self):
+        """The losses the block's layers added in their last call."""
+        losses = [
+            loss
+            for layer in self.block._flatten_layers(include_self=True)
+            for loss in layer._get_own_losses()
+        ]
+        self.block._clear_losses()
+        return losses
 
     def _jacobian_penalty(self, f, z_star):
         """Adds γ · mean ‖J_f(z*)‖_F² / d when a Bernoulli(p) draw says so."""

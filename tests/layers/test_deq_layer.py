@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_deq
+from tests import numerics
 from tests.blocks import LinearCell
 from tests.blocks import TanhCell
 from tests.blocks import TwoResolutionCell
@@ -472,3 +473,63 @@ def test_a_layer_called_eagerly_is_garbage_collected():
     del layer
     gc.collect()
     assert ref() is None
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class RegularizedCell(keras.layers.Layer):
+    """f(z, x) = tanh(z W + x) with an L2 activity regularizer on z W."""
+
+    def build(self, z_shape, x_shape):
+        self.dense = keras.layers.Dense(
+            z_shape[-1],
+            use_bias=False,
+            activity_regularizer=keras.regularizers.L2(0.3),
+            kernel_initializer=keras.initializers.Orthogonal(0.5, seed=2),
+            dtype=self.dtype_policy,
+        )
+        self.dense.build(z_shape)
+
+    def call(self, z, x, training=None):
+        return tf.tanh(self.dense(z) + x)
+
+
+def test_block_losses_are_taken_once_at_the_equilibrium():
+    layer = keras_deq.DEQLayer(
+        RegularizedCell(dtype="float64"),
+        tol=1e-12,
+        max_iter=80,
+        jac_weight=0.5,
+        dtype="float64",
+    )
+    x = tf.constant(np.random.default_rng(0).normal(size=(5, 4)))
+    layer(x)
+    kernel = layer.block.dense.kernel
+    with tf.GradientTape() as tape:
+        z_star = layer(x, training=True)
+        loss, penalty = layer.losses
+    # One block loss and the penalty; the block loss is the regularizer at
+    # z*: 0.3 · Σ (z* W)² / batch (Keras divides activity regularizers by
+    # the batch size).
+    assert penalty.numpy() > 0
+    z = z_star.numpy()
+
+    def reference():
+        return 0.3 * np.sum((z @ kernel.numpy()) ** 2) / len(z)
+
+    np.testing.assert_allclose(loss.numpy(), reference(), rtol=1e-6)
+    # Its gradient is that of the regularizer with z* held fixed.
+    (grad,) = tape.gradient(loss, [kernel])
+    (expected,) = numerics.central_differences(reference, [kernel])
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-6)
+
+
+def test_fit_with_a_block_that_adds_losses():
+    model = keras.Sequential([keras.Input((4,))])
+    model.add(keras_deq.DEQLayer(RegularizedCell(), jac_weight=0.1))
+    model.add(keras.layers.Dense(1))
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    for jit_compile in (False, True):
+        model.compile(optimizer="adam", loss="mse", jit_compile=jit_compile)
+        history = model.fit(x, x[:, :1], epochs=2, verbose=0).history
+        assert np.all(np.isfinite(history["loss"]))
