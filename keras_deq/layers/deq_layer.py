@@ -68,7 +68,9 @@ class DEQLayer(keras.layers.Layer):
             `keras.Sequential`), which is applied to the injected state:
             z ← block(z + x), so z and x must have the same shape. If it
             has a method `initial_state(x)`, that gives the first iterate;
-            otherwise the state is zeros shaped like `x`.
+            otherwise the state is zeros shaped like `x`. The block may not
+            contain `BatchNormalization` (a `ValueError` at build names the
+            per-sample alternatives).
         solver: forward solver, `"broyden"`, `"anderson"`, `"fixed_point"`
             or a name registered with `keras_deq.solvers.register`. Defaults
             to `"broyden"`.
@@ -274,6 +276,7 @@ class DEQLayer(keras.layers.Layer):
         )
         self.block._clear_losses()  # symbolic ones, from the call above
         self._check_block_output(self._state_spec, z1)
+        self._check_no_batch_statistics()
         self._check_sample_axes(self._state_spec)
         for name, value in self._jac_config.items():
             setattr(
@@ -332,6 +335,20 @@ class DEQLayer(keras.layers.Layer):
                     f"The block must return a state with the shape of its "
                     f"input state{where}. State shape: {_shape(a)}, block "
                     f"output shape: {_shape(b)}."
+                )
+
+    def _check_no_batch_statistics(self):
+        for layer in self.block._flatten_layers(include_self=True):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                raise ValueError(
+                    f"The block contains BatchNormalization ({layer.name!r}), "
+                    "which a DEQ cannot use: it would update its moving "
+                    "statistics at every solver iteration, mostly at states "
+                    "far from the equilibrium, and its batch statistics "
+                    "couple the samples that the solver treats as "
+                    "independent. Use keras.layers.GroupNormalization or "
+                    "keras.layers.LayerNormalization, which normalize each "
+                    "sample on its own."
                 )
 
     def _check_sample_axes(self, state_spec):

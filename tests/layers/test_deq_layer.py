@@ -533,3 +533,19 @@ def test_fit_with_a_block_that_adds_losses():
         model.compile(optimizer="adam", loss="mse", jit_compile=jit_compile)
         history = model.fit(x, x[:, :1], epochs=2, verbose=0).history
         assert np.all(np.isfinite(history["loss"]))
+
+
+def test_batch_normalization_in_the_block_is_refused_at_build():
+    block = keras.Sequential(
+        [keras.layers.Dense(4), keras.layers.BatchNormalization()]
+    )
+    layer = keras_deq.DEQLayer(block)
+    with pytest.raises(ValueError, match="GroupNormalization"):
+        layer(np.ones((2, 4), "float32"))
+    # The per-sample normalizations are fine.
+    ok = keras_deq.DEQLayer(
+        keras.Sequential(
+            [keras.layers.Dense(4), keras.layers.LayerNormalization()]
+        )
+    )
+    assert ok(np.ones((2, 4), "float32")).shape == (2, 4)
