@@ -353,8 +353,11 @@ class UnrolledPretraining(_DEQCallback):
     through them (`gradient="unrolled"`), which is stable from any
     initialisation; after that they switch back to the gradient, solver
     settings and `max_iter` they were built with. Each switch retraces the
-    training step once. The switch follows the optimizer's step count, so
-    a resumed run picks up in the right phase.
+    training step once. The switch is a training-only override
+    (`DEQLayer.override_training`): validation, `evaluate`, `predict` and
+    every saved config (`ModelCheckpoint`, `BackupAndRestore`) see the
+    layers' own settings throughout. The switch follows the optimizer's
+    step count, so a resumed run picks up in the right phase.
 
     Args:
         steps: number of unrolled steps.
@@ -374,16 +377,19 @@ class UnrolledPretraining(_DEQCallback):
         self.iters = (
             None if iters is None else validation.check_int("iters", iters, 1)
         )
-        self._saved = None
+        self._pretraining = False
 
     def _switch(self, unrolled: bool, rebuild: bool = True):
+        # Training-only overrides: test and predict functions, validation
+        # during `fit` and every saved config keep the layers' own settings.
         for layer in self.targets():
             if unrolled:
-                self._saved[layer.name] = (layer.gradient, layer.max_iter)
-                layer.gradient = "unrolled"
-                layer.max_iter = self.iters or layer.max_iter
+                layer.override_training(
+                    gradient="unrolled", max_iter=self.iters or layer.max_iter
+                )
             else:
-                layer.gradient, layer.max_iter = self._saved.pop(layer.name)
+                layer.override_training()
+        self._pretraining = unrolled
         if rebuild:  # `fit` calls model.train_function afresh every step
             self.model.make_train_function(force=True)
         else:  # rebuilt lazily by the next `fit`
@@ -394,22 +400,22 @@ class UnrolledPretraining(_DEQCallback):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self._saved = {}
+        self._pretraining = False
         if self._step() < self.steps:
             self._switch(True)
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._saved and self._step() >= self.steps:
+        if self._pretraining and self._step() >= self.steps:
             self._switch(False)
 
     def on_train_end(self, logs=None):
-        if self._saved:
+        if self._pretraining:
             self._switch(False, rebuild=False)
 
     @property
     def pretraining(self) -> bool:
         """Whether the layers currently use unrolled gradients."""
-        return bool(self._saved)
+        return self._pretraining
 
 
 class SpectralRadiusMonitor(_DEQCallback):

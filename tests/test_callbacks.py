@@ -306,11 +306,16 @@ def test_unrolled_pretraining_trains_as_an_unrolled_layer_then_switches():
 
     model, deq = build(max_iter=10, tol=1e-12)
     seen = []
-    record = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: seen.append(
-            (deq.gradient, deq.max_iter)
-        )
-    )
+    configs = []
+
+    def on_batch_end(batch, logs):
+        training = {"gradient": deq.gradient, "max_iter": deq.max_iter}
+        training.update(deq.training_overrides)
+        seen.append((training["gradient"], training["max_iter"]))
+        config = deq.get_config()
+        configs.append((config["gradient"], config["max_iter"]))
+
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)
     pretraining = keras_deq.callbacks.UnrolledPretraining(4, 2)
     history = model.fit(
         x,
@@ -322,6 +327,7 @@ def test_unrolled_pretraining_trains_as_an_unrolled_layer_then_switches():
         callbacks=[pretraining, record],
     ).history
     assert seen == [("unrolled", 2)] * 3
+    assert configs == [("implicit", 10)] * 3  # checkpoints: as built
     assert history["deq_forward_nfe"] == [2.0]
     for got, want in zip(model.weights, reference.weights, strict=True):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
@@ -339,3 +345,59 @@ def test_unrolled_pretraining_trains_as_an_unrolled_layer_then_switches():
     )
     assert seen[3:] == [("unrolled", 2)] + [("implicit", 10)] * 2
     assert (deq.gradient, deq.max_iter) == ("implicit", 10)
+
+
+def test_pretraining_leaves_validation_evaluate_and_predict_as_built():
+    """Only the train function runs unrolled; the others solve for z*."""
+    x, y = data(48)
+    keras.utils.set_random_seed(0)
+    layer = keras_deq.DEQLayer(
+        TanhCell(units=D, w_norm=0.9), max_iter=30, tol=1e-6, name="deq"
+    )
+    model = model_with(layer)
+    pretraining = keras_deq.callbacks.UnrolledPretraining(100, 1)
+    history = model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        verbose=0,
+        validation_data=(x, y),
+        callbacks=[pretraining],
+    ).history
+    assert history["deq_forward_nfe"] == [1.0, 1.0]
+    assert min(history["val_deq_forward_nfe"]) > 3  # a real solve
+    # Predictions equal those of the same weights in a layer that never
+    # saw the callback.
+    keras.utils.set_random_seed(0)
+    fresh = model_with(
+        keras_deq.DEQLayer(
+            TanhCell(units=D, w_norm=0.9), max_iter=30, tol=1e-6, name="deq"
+        )
+    )
+    fresh.set_weights(model.get_weights())
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), fresh.predict(x, verbose=0), atol=1e-6
+    )
+    logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert logs["deq_forward_nfe"] > 3
+
+
+def test_config_saves_the_current_gamma_and_p():
+    layer = keras_deq.DEQLayer(
+        TanhCell(units=D), jac_weight=0.1, jac_freq=0.5, name="deq"
+    )
+    model = model_with(layer)
+    x, y = data()
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        verbose=0,
+        callbacks=[JacobianSchedule(2.0, 2.0, epochs=1, freq_start=0.25)],
+    )
+    config = layer.get_config()
+    assert (config["jac_weight"], config["jac_freq"]) == (2.0, 0.25)
+    assert keras_deq.DEQLayer.from_config(config).get_config()[
+        "jac_weight"
+    ] == pytest.approx(2.0)

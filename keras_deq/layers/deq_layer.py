@@ -253,6 +253,7 @@ class DEQLayer(keras.layers.Layer):
             )
         self.jac_loss = MeasuredMean(name=f"{self.name}_jac_loss")
         self._state_spec = None
+        self._training_overrides = {}
 
     def build(self, x_shape):
         x_spec = keras.tree.map_shape_structure(
@@ -405,7 +406,7 @@ class DEQLayer(keras.layers.Layer):
 
         return f, flattener
 
-    def _forward_solve(self, x, z0, training, masks=None):
+    def _forward_solve(self, x, z0, training, masks=None, max_iter=None):
         f, flattener = self._flat_block(x, z0, training, masks)
         solve = solvers.get(self.solver)
         # No tape may record the solve (persistent and nested ones
@@ -416,40 +417,75 @@ class DEQLayer(keras.layers.Layer):
             result = solve(
                 f,
                 flattener.flatten(z0),
-                self.max_iter,
+                max_iter or self.max_iter,
                 self.tol,
                 self.stop_mode,
                 **self.solver_options,
             )
         return tf.nest.map_structure(tf.stop_gradient, result)
 
+    def override_training(
+        self, *, gradient: str | None = None, max_iter: int | None = None
+    ) -> None:
+        """Settings for training calls only; no arguments clears them.
+
+        A training phase (e.g. `keras_deq.callbacks.UnrolledPretraining`)
+        sets these: they apply to calls with `training=True` only, so test
+        and predict functions keep the layer's own settings, and they are
+        not part of `get_config`, so no checkpoint records them. They take
+        effect in functions traced afterwards (rebuild the train function).
+
+        Args:
+            gradient: a gradient kind for training calls. Defaults to
+                `None` (the layer's).
+            max_iter: forward iterations (unrolled steps) for training
+                calls. Defaults to `None` (the layer's).
+        """
+        overrides = {}
+        if gradient is not None:
+            validation.check_choice("gradient", gradient, gradients.GRADIENTS)
+            overrides["gradient"] = gradient
+        if max_iter is not None:
+            overrides["max_iter"] = validation.check_int(
+                "max_iter", max_iter, 1
+            )
+        self._training_overrides = overrides
+
+    @property
+    def training_overrides(self) -> dict:
+        """The settings `override_training` set (read-only copy)."""
+        return dict(self._training_overrides)
+
     def call(self, x, training=None):
+        overrides = self._training_overrides if training else {}
+        gradient = overrides.get("gradient", self.gradient)
+        max_iter = overrides.get("max_iter", self.max_iter)
         z0 = self._initial_state(x)
         # Every evaluation of the block in this call (forward iterations,
         # the one at z* that the backward uses, the Jacobian penalty) sees
         # the same dropout masks.
         masks = self._sample_masks(x, training)
         f, flattener = self._flat_block(x, z0, training, masks)
-        if self.gradient == "unrolled":
-            z, z_prev = gradients.unrolled(
-                f, flattener.flatten(z0), self.max_iter
-            )
+        if gradient == "unrolled":
+            z, z_prev = gradients.unrolled(f, flattener.flatten(z0), max_iter)
             _, rel_res = _loop.residuals(z_prev, z)
-            nstep = tf.fill(tf.shape(rel_res), self.max_iter)
+            nstep = tf.fill(tf.shape(rel_res), max_iter)
             z_star = tf.stop_gradient(z)
         else:
             if tf.executing_eagerly():
-                result = self._eager_solve(x, z0, bool(training), masks)
+                result = self._eager_solve(
+                    x, z0, bool(training), masks, max_iter
+                )
             else:
-                result = self._forward_solve(x, z0, training, masks)
+                result = self._forward_solve(x, z0, training, masks, max_iter)
             z_star, nstep, rel_res = result.z, result.nstep, result.rel_residual
-            if self.sample_axes > 1 and self.gradient == "implicit":
+            if self.sample_axes > 1 and gradient == "implicit":
                 # The backward's linear system couples the rows of a sample
                 # (anti-causally, for a causal f); it is solved per sample.
                 rows = flattener
                 f, flattener = self._flat_block(x, z0, training, masks, 1)
                 z_star = flattener.flatten(rows.unflatten(z_star))
-            if self.gradient == "implicit":
+            if gradient == "implicit":
                 z = gradients.implicit(
                     f,
                     z_star,
@@ -457,12 +493,16 @@ class DEQLayer(keras.layers.Layer):
                         solvers.get(self.backward_solver or self.solver),
                         **self._backward_options,
                     ),
-                    self.backward_max_iter or self.max_iter,
+                    self.backward_max_iter or max_iter,
                     self.backward_tol,
                     # Backward statistics describe training; outside it the
                     # gradient function must capture no metric variables,
                     # since a SavedModel serializes it with the forward.
-                    on_backward=self._record_backward if training else None,
+                    on_backward=(
+                        self._record_backward
+                        if training and hasattr(self, "backward_nfe")
+                        else None
+                    ),
                 )
             else:
                 z = gradients.phantom(
@@ -512,11 +552,12 @@ class DEQLayer(keras.layers.Layer):
             tf.cast(value, tf.float32), sample_weight=tf.cast(gate, tf.float32)
         )
 
-    def _eager_solve(self, x, z0, training, masks=None):
+    def _eager_solve(self, x, z0, training, masks=None, max_iter=None):
+        max_iter = max_iter or self.max_iter
         settings = repr(
             (
                 self.solver,
-                self.max_iter,
+                max_iter,
                 self.tol,
                 self.stop_mode,
                 sorted(self.solver_options.items()),
@@ -527,7 +568,7 @@ class DEQLayer(keras.layers.Layer):
             layer = weakref.ref(self)
 
             def solve(x, z0, training, masks):
-                return layer()._forward_solve(x, z0, training, masks)
+                return layer()._forward_solve(x, z0, training, masks, max_iter)
 
             functions[settings] = tf.function(solve, reduce_retracing=True)
         return functions[settings](x, z0, training, masks)
@@ -592,7 +633,7 @@ class DEQLayer(keras.layers.Layer):
                 "gradient": self.gradient,
                 "phantom_steps": self.phantom_steps,
                 "phantom_tau": self.phantom_tau,
-                **self._jac_config,
+                **self._jac_values(),
                 "jac_samples": self.jac_samples,
                 "seed": self.seed,
                 "sample_axes": self.sample_axes,
@@ -601,6 +642,15 @@ class DEQLayer(keras.layers.Layer):
             }
         )
         return config
+
+    def _jac_values(self):
+        """γ and p: their variables' current values once built."""
+        if self.jac_weight is None:
+            return dict(self._jac_config)
+        return {
+            name: float(keras.ops.convert_to_numpy(getattr(self, name)))
+            for name in self._jac_config
+        }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
