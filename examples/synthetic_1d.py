@@ -13,9 +13,14 @@ training, 1000 for validation. The main text writes −5x and Appendix A.1
 +5x; this script uses the main text's −5x (`--linear_coef=5` gives the
 appendix's), whose h has a local maximum and minimum in the range.
 
-Training (Table 4, column 1): Adam 1e-3 with cosine decay, 50 epochs, batch
-64, Broyden with 6 forward and 6 backward NFEs (tolerances 1e-3 / 1e-4), the
-penalty with p = 0.4 and M = 1.
+Training (Table 4, column 1): Adam with cosine decay, 50 epochs, batch 64,
+Broyden with 6 forward and 6 backward NFEs (tolerances 1e-3 / 1e-4), the
+penalty with p = 0.4 and M = 1. One departure: the start rate is 3e-3, not
+Table 4's 1e-3 (`--learning_rate=1e-3`). At 1e-3 the penalised models are
+still under-fitted after 50 epochs (seeds 0-4: val MSE up to 0.078 at
+γ = 4, against the noise floor 0.0025); a linear warm-up of γ made no
+difference (0.077), a higher rate did (0.024 at worst, with plain iteration
+and |∂f/∂z| falling with γ as before).
 
 For each γ the script prints the validation MSE of z*, the mean number of
 steps that plain fixed-point iteration and Broyden's method need at
@@ -54,7 +59,9 @@ def define_flags():
     flags.DEFINE_list("gammas", ["0", "1", "2", "4"], "Values of γ.")
     flags.DEFINE_integer("epochs", 50, "Training epochs per γ.")
     flags.DEFINE_integer("batch_size", 64, "Batch size.")
-    flags.DEFINE_float("learning_rate", 1e-3, "Adam start rate.")
+    flags.DEFINE_float(
+        "learning_rate", 3e-3, "Adam start rate (Table 4: 1e-3)."
+    )
     flags.DEFINE_float("jac_freq", 0.4, "Penalty frequency p.")
     flags.DEFINE_integer("train_nfe", 6, "Forward/backward NFEs.")
     flags.DEFINE_integer("hidden", 50, "Hidden units of f.")
@@ -175,7 +182,7 @@ def train_one(
     data,
     epochs=50,
     batch_size=64,
-    learning_rate=1e-3,
+    learning_rate=3e-3,
     jac_freq=0.4,
     train_nfe=6,
     hidden=50,
@@ -237,7 +244,7 @@ def run(
     gammas=(0.0, 1.0, 2.0, 4.0),
     epochs=50,
     batch_size=64,
-    learning_rate=1e-3,
+    learning_rate=3e-3,
     jac_freq=0.4,
     train_nfe=6,
     hidden=50,
