@@ -104,8 +104,11 @@ def test_sequential_fit_learns_and_reports_metrics():
     assert 1 <= logs["deq_forward_nfe"][-1] <= 20
     assert logs["deq_forward_residual"][-1] < 1e-3
     assert logs["deq_backward_residual"][-1] < 1e-4
-    assert logs["accuracy"][-1] > 0.85
-    assert logs["loss"][-1] < logs["loss"][0]
+    # The majority class is 48% of the data; over seeds 0-7 the model
+    # reaches 0.84-0.875 and its loss falls to 0.34-0.53 of the first
+    # epoch's, so these bounds hold from any seed and still need learning.
+    assert logs["accuracy"][-1] > 0.75
+    assert logs["loss"][-1] < 0.7 * logs["loss"][0]
 
 
 def test_functional_and_subclassed_models_agree():
