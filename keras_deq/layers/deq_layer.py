@@ -406,7 +406,7 @@ class DEQLayer(keras.layers.Layer):
 
         return f, flattener
 
-    def _forward_solve(self, x, z0, training, masks=None, max_iter=None):
+    def _forward_solve(self, x, z0, training, masks, max_iter):
         f, flattener = self._flat_block(x, z0, training, masks)
         solve = solvers.get(self.solver)
         # No tape may record the solve (persistent and nested ones
@@ -417,7 +417,7 @@ class DEQLayer(keras.layers.Layer):
             result = solve(
                 f,
                 flattener.flatten(z0),
-                max_iter or self.max_iter,
+                max_iter,
                 self.tol,
                 self.stop_mode,
                 **self.solver_options,
@@ -552,8 +552,7 @@ class DEQLayer(keras.layers.Layer):
             tf.cast(value, tf.float32), sample_weight=tf.cast(gate, tf.float32)
         )
 
-    def _eager_solve(self, x, z0, training, masks=None, max_iter=None):
-        max_iter = max_iter or self.max_iter
+    def _eager_solve(self, x, z0, training, masks, max_iter):
         settings = repr(
             (
                 self.solver,
@@ -594,9 +593,9 @@ class DEQLayer(keras.layers.Layer):
             self.build(tf.nest.map_structure(lambda t: t.shape, x))
         z0 = self._initial_state(x)
         if tf.executing_eagerly():
-            result = self._eager_solve(x, z0, False)
+            result = self._eager_solve(x, z0, False, None, self.max_iter)
         else:
-            result = self._forward_solve(x, z0, False)
+            result = self._forward_solve(x, z0, False, None, self.max_iter)
         # Whole samples, also when the solve ran per position.
         _, rows = self._flat_block(x, z0, False)
         f, flattener = self._flat_block(x, z0, False, sample_axes=1)
