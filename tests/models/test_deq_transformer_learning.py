@@ -95,12 +95,11 @@ def test_learns_real_text_beyond_token_frequencies(norm):
 def test_learns_real_text_like_an_explicit_transformer(norm):
     """Width 128, sequences of 64, batch 32, Adam 1e-3, two epochs.
 
-    Measured per seed 0/1/2 (held-out perplexity; explicit baseline 5.51 /
-    5.81 / 6.08, unigram 20.70): post-LN 6.71 / 5.93 / 7.68, pre-LN 6.30 /
-    5.71 / 6.94, i.e. 0.28-0.37 × unigram and 0.98-1.26 × the baseline.
-    The penalty costs perplexity at this width (post-LN seed 0: 4.93
-    without it, at forward NFE 11.7 instead of 8.7), so the bound against
-    the baseline is 1.3 here, not yet the 1.2 the model should reach.
+    Explicit baseline per seed 0/1/2: 5.51 / 5.81 / 6.08 (unigram 20.70).
+    With the paper's γ = 1.6 post-LN ended at 6.71 / 5.93 / 7.68 (up to
+    1.26 × the baseline) and pre-LN at 6.30 / 5.71 / 6.94; with the
+    width-aware default γ = 0.68, post-LN ends at 5.73 / - / 6.01 (seeds
+    0 / 2: 1.04 / 0.99 × the baseline).
     """
     train, test, vocab = char_windows(400_000, 64)
     unigram = unigram_perplexity(train[1], test[1], vocab)
@@ -114,4 +113,4 @@ def test_learns_real_text_like_an_explicit_transformer(norm):
     perplexity, history = held_out_perplexity(model, train, test, epochs=2)
     assert min(history["deq_jac_loss"]) > 0
     assert perplexity <= 0.5 * unigram, (perplexity, unigram)
-    assert perplexity <= 1.3 * baseline, (perplexity, baseline)
+    assert perplexity <= 1.2 * baseline, (perplexity, baseline)
