@@ -126,3 +126,19 @@ def test_block_is_a_contraction_at_initialisation():
     injections = keras.Model(model.input, deq.input)(images(4))
     radius = deq.spectral_radius(injections, num_iters=100).numpy()
     assert np.all(radius < 0.9), radius
+
+
+def test_phantom_gradient_settings_reach_the_layer_and_the_config():
+    model = MDEQClassifier(
+        10, gradient="phantom", phantom_steps=3, phantom_tau=0.8, **SMALL
+    )
+    deq = model.get_layer("deq")
+    assert (deq.gradient, deq.phantom_steps, deq.phantom_tau) == (
+        "phantom",
+        3,
+        0.8,
+    )
+    again = MDEQClassifier.from_config(model.get_config()).get_layer("deq")
+    assert (again.phantom_steps, again.phantom_tau) == (3, 0.8)
+    with pytest.raises(ValueError, match="phantom_tau"):
+        MDEQClassifier(10, phantom_tau=1.5, **SMALL)
