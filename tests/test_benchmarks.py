@@ -14,17 +14,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMED = ("--repeats=2", "--warmup=1")
 
 
-def run_module(module, tmp_path, *flags):
+def run_module(module, tmp_path, *flags, timing_flags=True):
+    """Runs a benchmark script; its JSON and stdout. `timing_flags` adds the
+    small batch and the few repeats that the timing scripts take."""
     output = tmp_path / f"{module}.json"
     timed = () if module == "memory" else TIMED
+    if timing_flags:
+        flags = ("--batch_size=2", *timed, *flags)
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             f"benchmarks.{module}",
             f"--output={output}",
-            "--batch_size=2",
-            *timed,
             *flags,
         ],
         cwd=REPO,
@@ -261,25 +263,14 @@ def test_mdeq_digits_script_trains_the_explicit_baseline(tmp_path):
     held out on seeds 0 / 1 / 2, in 12-18 s (chance is 10%).
     """
     pytest.importorskip("sklearn")
-    output = tmp_path / "digits.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.mdeq_digits",
-            f"--output={output}",
-            "--model=explicit",
-            "--epochs=8",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        timeout=600,
+    data, _ = run_module(
+        "mdeq_digits",
+        tmp_path,
+        "--model=explicit",
+        "--epochs=8",
+        timing_flags=False,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(output) as fh:
-        (run,) = json.load(fh)["runs"]
+    (run,) = data["runs"]
     assert run["held_out_accuracy"] >= 0.95, run
     assert np.isnan(run["forward_nfe"])
     assert run["train_seconds"] >= run["first_epoch_seconds"] > 0
