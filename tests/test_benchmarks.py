@@ -274,3 +274,24 @@ def test_mdeq_digits_script_trains_the_explicit_baseline(tmp_path):
     assert run["held_out_accuracy"] >= 0.95, run
     assert np.isnan(run["forward_nfe"])
     assert run["train_seconds"] >= run["first_epoch_seconds"] > 0
+
+
+def test_warm_start_script(tmp_path):
+    data, stdout = run_module(
+        "warm_start",
+        tmp_path,
+        "--cells=mlp",
+        "--batch_size=8",
+        "--steps=5",
+        "--train_steps=5",
+        "--repeats=1",
+        timing_flags=False,
+    )
+    (result,) = data["results"]
+    assert len(result["steps"]) == 5
+    # The first iterate is the last output: the drifted input's equilibrium
+    # is close to it, so the warm solves need fewer iterations.
+    assert result["warm_nfe"] < result["cold_nfe"]
+    # Both stop within tol = 1e-3 (relative) of the same equilibrium.
+    assert result["max_relative_difference"] < 5e-3
+    assert "warm NFE" in stdout
