@@ -310,7 +310,8 @@ class MDEQClassifier(keras.Model):
         expansion, num_groups, dropout, weight_norm, init_stddev: of the
             `MDEQBlock`.
         solver, max_iter, tol, backward_max_iter, backward_tol, gradient,
-        jac_weight, jac_freq, jac_samples: of the `DEQLayer`.
+        phantom_steps, phantom_tau, jac_weight, jac_freq, jac_samples: of
+            the `DEQLayer`.
         seed: int seed of initialisers, dropout and the penalty's draws.
         **kwargs: `keras.Model` arguments (`name`).
     """
