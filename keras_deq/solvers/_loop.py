@@ -116,8 +116,10 @@ def iterate(
 
     def body(k, z, fz, state, best, active, nstep):
         z_prop, state = propose(z, fz, state, active)
-        z_new = tf.where(active[:, None], z_prop, z)
-        fz_new = f(z_new)
+        # f may lose static dimensions that z0 has (a reshape by a
+        # computed shape, say); the loop needs them fixed.
+        z_new = tf.ensure_shape(tf.where(active[:, None], z_prop, z), z0.shape)
+        fz_new = tf.ensure_shape(f(z_new), z0.shape)
         abs_res, rel_res = residuals(z_new, fz_new)
         crit = criterion(abs_res, rel_res)
         finite = tf.math.is_finite(crit)
