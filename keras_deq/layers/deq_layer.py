@@ -450,6 +450,35 @@ class DEQLayer(keras.layers.Layer):
 
     def _forward_solve(self, x, z0, training, masks, max_iter):
         f, flattener = self._flat_block(x, z0, training, masks)
+        return self._run_solver(f, flattener.flatten(z0), max_iter)
+
+    def solve(self, f, z0):
+        """z* = f(z*) from `z0` with this layer's forward solver settings.
+
+        For a map the layer's `call` cannot express: the block with extra
+        arguments bound, say (`DEQTransformerLM.decode_step` solves new
+        positions against remembered ones this way). The solver, `max_iter`,
+        `tol`, `stop_mode`, `solver_options` and `sample_axes` are the
+        layer's; nothing is recorded for gradients and no metric is updated.
+
+        Args:
+            f: maps a state (a nest shaped like `z0`) to a state.
+            z0: the first iterate.
+
+        Returns:
+            `(z_star, result)`: z* with the structure of `z0`, and the
+            `keras_deq.solvers.SolverResult` of the flat solve (per-row
+            `nstep` and residuals).
+        """
+        flattener = StateFlattener(z0, self._solver_dtype, self.sample_axes)
+
+        def flat_f(z):
+            return flattener.flatten(f(flattener.unflatten(z)))
+
+        result = self._run_solver(flat_f, flattener.flatten(z0), self.max_iter)
+        return flattener.unflatten(result.z), result
+
+    def _run_solver(self, f, z0, max_iter):
         solve = solvers.get(self.solver)
         # No tape may record the solve (persistent and nested ones
         # included): its in-place histories have no gradient, and the
@@ -458,7 +487,7 @@ class DEQLayer(keras.layers.Layer):
         with record.stop_recording():
             result = solve(
                 f,
-                flattener.flatten(z0),
+                z0,
                 max_iter,
                 self.tol,
                 self.stop_mode,
