@@ -143,10 +143,10 @@ def test_trains_with_the_jacobian_penalty_on(norm):
     assert after < np.log(10) - 0.5, (before, after)
 
 
-def test_generate_runs_the_whole_sequence_through_the_deq():
+def test_generate_without_cache_runs_the_whole_sequence_through_the_deq():
     model = DEQTransformerLM(VOCAB, **TINY)
     prompt = tokens(seed=3, batch=2, length=4)
-    out = model.generate(prompt, 5)
+    out = model.generate(prompt, 5, cache=False)
     assert out.shape == (2, 9)
     np.testing.assert_array_equal(out[:, :4], prompt)
     # Reference: argmax of the full forward pass over the growing sequence.
@@ -155,10 +155,10 @@ def test_generate_runs_the_whole_sequence_through_the_deq():
         logits = model.predict(ids, verbose=0)[:, -1]
         ids = np.concatenate([ids, logits.argmax(-1)[:, None]], axis=1)
     np.testing.assert_array_equal(out, ids)
-    single = model.generate(prompt[0], 5)
+    single = model.generate(prompt[0], 5, cache=False)
     np.testing.assert_array_equal(single, ids[0])
-    a = model.generate(prompt, 6, temperature=1.0, seed=4)
-    b = model.generate(prompt, 6, temperature=1.0, seed=4)
+    a = model.generate(prompt, 6, temperature=1.0, seed=4, cache=False)
+    b = model.generate(prompt, 6, temperature=1.0, seed=4, cache=False)
     np.testing.assert_array_equal(a, b)
     assert a.min() >= 0 and a.max() < VOCAB
 
