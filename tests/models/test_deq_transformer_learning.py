@@ -7,37 +7,12 @@ its exact content follows the installed Keras version, which is why the
 bounds are ratios to baselines trained on the same text, not numbers).
 """
 
-import glob
-import os
-
 import keras
 import numpy as np
 import pytest
 
+from benchmarks.char_text import char_windows
 from keras_deq.models import DEQTransformerLM
-
-
-def keras_source_text(num_chars):
-    root = os.path.join(os.path.dirname(keras.__file__), "src", "layers")
-    files = sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))
-    text = "".join(open(f, encoding="utf-8").read() for f in files)
-    assert len(text) >= num_chars, len(text)
-    return text[:num_chars]
-
-
-def char_windows(num_chars, seq_len, held_out=0.1):
-    """Train/held-out `(inputs, targets)` windows and the vocabulary size."""
-    text = keras_source_text(num_chars)
-    chars = sorted(set(text))
-    ids = np.array([chars.index(c) for c in text], np.int32)
-    cut = int(len(ids) * (1 - held_out))
-
-    def windows(part):
-        n = (len(part) - 1) // seq_len
-        x = part[: n * seq_len].reshape(n, seq_len)
-        return x, part[1 : n * seq_len + 1].reshape(n, seq_len)
-
-    return windows(ids[:cut]), windows(ids[cut:]), len(chars)
 
 
 def unigram_perplexity(train_targets, test_targets, vocab_size):
