@@ -295,3 +295,37 @@ def test_warm_start_script(tmp_path):
     # Both stop within tol = 1e-3 (relative) of the same equilibrium.
     assert result["max_relative_difference"] < 5e-3
     assert "warm NFE" in stdout
+
+
+def test_generation_script(tmp_path):
+    data, stdout = run_module(
+        "generation",
+        tmp_path,
+        "--hidden_dim=32",
+        "--intermediate_dim=64",
+        "--num_chars=20000",
+        "--epochs=1",
+        "--prompts=4",
+        "--new_tokens=8",
+        "--speed_prompt=16",
+        "--speed_tokens=8",
+        "--batch_sizes=8",
+        "--repeats=1",
+        f"--weights={tmp_path / 'lm.weights.h5'}",
+        f"--plot={tmp_path / 'generation.png'}",
+        timing_flags=False,
+    )
+    agree = data["results"]["agreement"]
+    assert agree["prompts"] == 4 and agree["new_tokens"] == 8
+    # (A model trained this briefly converges too loosely for the 10 × tol
+    # bound; tests/models/test_deq_transformer_cache.py checks it on one
+    # trained longer.)
+    assert 0 <= agree["logit_error_median"] <= agree["logit_error_max"]
+    assert agree["identical"] + len(agree["differing"]) == 4
+    (speed,) = data["results"]["speed"]
+    assert len(speed["cached_per_token_s"]) == len(speed["full_per_token_s"])
+    assert len(speed["cached_per_token_s"]) == 8
+    # One position's solve per token against the whole sequence's.
+    assert speed["cached_tokens_per_s"] > speed["full_tokens_per_s"]
+    assert (tmp_path / "generation.png").stat().st_size > 0
+    assert "speed-up" in stdout
