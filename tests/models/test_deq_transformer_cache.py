@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks.cache_agreement import agreement
 from benchmarks.char_text import char_windows
-from benchmarks.generation import agreement
 from keras_deq.models import DEQTransformerBlock
 from keras_deq.models import DEQTransformerLM
 
