@@ -1,7 +1,5 @@
 """DEQ-Transformer language model (Bai et al. 2019; 2021)."""
 
-import functools
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -258,15 +256,14 @@ class DEQTransformerBlock(keras.layers.Layer):
         `memory_length` of the M are filled (a preallocated memory, as a
         compiled decoding loop needs); the others are not read.
         """
-        attend = functools.partial(
-            self._attention, memory=memory, memory_length=memory_length
-        )
         if self.norm == "post":
-            a = self.attention_output(attend(z, x))
+            a = self.attention_output(
+                self._attention(z, x, memory, memory_length)
+            )
             h = self.norm1(z + self.attention_dropout(a, training=training))
             inner = self.ffn_dropout(self.ffn_inner(h), training=training)
             return self.norm2(h + self.ffn_output(inner))
-        a = self.attention_output(attend(z, x))
+        a = self.attention_output(self._attention(z, x, memory, memory_length))
         h = z + self.attention_dropout(a, training=training)
         inner = self.ffn_dropout(
             self.ffn_inner(self.norm2(h)), training=training
