@@ -1,20 +1,191 @@
-"""Backward passes through a fixed point: implicit, phantom and unrolled.
+"""Backward passes through a fixed point, and the registry of gradient kinds.
 
-Each function takes `f`, mapping a `[B, d]` state to `[B, d]` (the DEQ block
-with its input injection bound), and returns the DEQ output with the gradient
-of the chosen kind attached. Gradients reach the variables f reads and any
-tensor f closes over, such as the injected input.
+The functions `implicit`, `phantom` and `unrolled` take `f`, mapping a
+`[B, d]` state to `[B, d]` (the DEQ block with its input injection bound),
+and return the DEQ output with the gradient of their kind attached.
+Gradients reach the variables f reads and any tensor f closes over, such as
+the injected input.
+
+`DEQLayer(gradient=name)` looks its kind up here. Every kind has one
+signature, `kind(problem) -> (z, forward)`:
+
+- `problem` is a `Problem`: the block `f` and first iterate `z0` of one
+  `DEQLayer` call, per sample, a `solve()` that runs the layer's forward
+  solver (unrecorded) when the kind wants z*, and the layer's settings;
+- `z` is the `[B, d]` output, carrying the kind's gradient;
+- `forward` is a `SolverResult` for the layer's statistics and its Jacobian
+  penalty: `z` the equilibrium without gradient, `nstep` and
+  `rel_residual` per solved row.
+
+`register(name, kind)` adds a kind, which `DEQLayer` then accepts by name
+(and saves by name: register it before loading a model that uses it).
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 from tensorflow.python.eager import record
 
 from keras_deq import jacobian
 from keras_deq.solvers import SolverResult
+from keras_deq.solvers import _loop
 
-GRADIENTS = ("implicit", "phantom", "unrolled")
+
+class Problem(NamedTuple):
+    """What a gradient kind gets from one `DEQLayer` call.
+
+    Attributes:
+        f: the block, mapping a `[B, d]` state to `[B, d]`, one row per
+            sample (with the block's per-solve noise held fixed).
+        z0: `[B, d]` first iterate (the block's initial state, or a warm
+            start), without gradient.
+        solve: `solve()` runs the layer's forward solver from `z0`
+            (unrecorded, with the layer's solver, iterations, tolerance and
+            `sample_axes`) and returns its `SolverResult`, `z` per sample
+            as `[B, d]`. Call it at most once.
+        max_iter: the layer's forward iterations (for a kind that iterates
+            itself, e.g. the unrolled steps).
+        backward_solver: the layer's backward solver, options bound:
+            `backward_solver(g, u0, max_iter, tol, stop_mode)`.
+        backward_max_iter: most iterations of a backward solve.
+        backward_tol: tolerance of a backward solve, relative to ‖∂ℓ/∂z*‖.
+        phantom_steps: the layer's `phantom_steps`.
+        phantom_tau: the layer's `phantom_tau`.
+        on_backward: called with the `SolverResult` of a backward solve to
+            record the backward statistics, or `None` (not recorded).
+    """
+
+    f: Callable[[tf.Tensor], tf.Tensor]
+    z0: tf.Tensor
+    solve: Callable[[], SolverResult]
+    max_iter: int
+    backward_solver: Callable[..., SolverResult]
+    backward_max_iter: int
+    backward_tol: float
+    phantom_steps: int
+    phantom_tau: float
+    on_backward: Callable[[SolverResult], None] | None
+
+
+Kind = Callable[[Problem], tuple[tf.Tensor, SolverResult]]
+
+
+def _implicit_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+    forward = problem.solve()
+    z = implicit(
+        problem.f,
+        forward.z,
+        problem.backward_solver,
+        problem.backward_max_iter,
+        problem.backward_tol,
+        problem.on_backward,
+    )
+    return z, forward
+
+
+def _phantom_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+    forward = problem.solve()
+    z = phantom(
+        problem.f, forward.z, problem.phantom_steps, problem.phantom_tau
+    )
+    return z, forward
+
+
+def _unrolled_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+    z, previous = unrolled(problem.f, problem.z0, problem.max_iter)
+    abs_res, rel_res = _loop.residuals(previous, z)
+    nstep = tf.fill(tf.shape(rel_res), problem.max_iter)
+    forward = SolverResult(tf.stop_gradient(z), nstep, abs_res, rel_res)
+    return z, forward
+
+
+class _Entry(NamedTuple):
+    kind: Kind
+    backward_statistics: bool
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "implicit": _Entry(_implicit_kind, True),
+    "phantom": _Entry(_phantom_kind, False),
+    "unrolled": _Entry(_unrolled_kind, False),
+}
+
+
+def get(name: str) -> Kind:
+    """Returns the gradient kind registered under `name`.
+
+    Args:
+        name: `"implicit"`, `"phantom"`, `"unrolled"` or a name given to
+            `register`.
+
+    Returns:
+        The kind, a function `Problem -> (z, forward SolverResult)`.
+    """
+    return _entry("gradient", name).kind
+
+
+def reports_backward(name: str) -> bool:
+    """Whether kind `name` records backward statistics (`on_backward`)."""
+    return _entry("gradient", name).backward_statistics
+
+
+def check(argument: str, name: str) -> str:
+    """Checks that `name` is a registered kind; the error names `argument`."""
+    _entry(argument, name)
+    return name
+
+
+def _entry(argument, name):
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"`{argument}` must be one of {names()} (or a kind added with "
+            f"keras_deq.gradients.register). Received: {argument}={name!r}"
+        )
+    return _REGISTRY[name]
+
+
+def register(
+    name: str, kind: Kind, *, backward_statistics: bool = False
+) -> None:
+    """Makes `kind` available to `get` and `DEQLayer(gradient=name)`.
+
+    Args:
+        name: the new name; it must not be taken already.
+        kind: a function `Problem -> (z, forward)`: `z` the `[B, d]` output
+            carrying the gradient, `forward` a `SolverResult` whose `z` is
+            the equilibrium without gradient (see the module docstring).
+        backward_statistics: whether the kind reports backward solves
+            through `problem.on_backward`; a `DEQLayer` using it then tracks
+            the `backward_nfe` and `backward_residual` metrics. Defaults to
+            `False`.
+
+    Example:
+
+    ```python
+    def damped_phantom(problem):
+        forward = problem.solve()
+        z = keras_deq.gradients.phantom(problem.f, forward.z, 3, 0.5)
+        return z, forward
+
+    keras_deq.gradients.register("damped_phantom", damped_phantom)
+    layer = keras_deq.DEQLayer(block, gradient="damped_phantom")
+    ```
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"`name` must be a non-empty string. Received: name={name!r}"
+        )
+    if name in _REGISTRY:
+        raise ValueError(f"A gradient kind is already registered as {name!r}.")
+    if not callable(kind):
+        raise TypeError(f"`kind` must be callable. Received: kind={kind!r}")
+    _REGISTRY[name] = _Entry(kind, bool(backward_statistics))
+
+
+def names() -> list[str]:
+    """The registered gradient kinds."""
+    return sorted(_REGISTRY)
 
 
 def implicit(
