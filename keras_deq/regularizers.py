@@ -1,0 +1,129 @@
+"""The Jacobian penalty of a DEQ: its settings, its gate and its metric."""
+
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+
+from keras_deq import jacobian
+from keras_deq.utils import validation
+from keras_deq.utils.metrics import MeasuredMean
+
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class JacobianPenalty(keras.layers.Layer):
+    """γ · mean ‖J_f(z*)‖_F² / d, computed with probability p per step.
+
+    Each call of `loss` draws τ ~ Bernoulli(p); when τ = 1 and γ > 0 it
+    returns γ times the batch mean of the Hutchinson estimate of
+    ‖J_f(z*)‖_F² / d (`keras_deq.jacobian.frobenius_estimate` with
+    `num_samples` probes), else 0 without running the estimator. The value
+    also goes into the metric `metric` (a mean over the calls whose gate
+    was on; NaN when none was).
+
+    γ and p are the non-trainable float32 variables `weight` and `freq`,
+    created with the layer: callbacks assign them during `fit` without
+    retracing, checkpoints save them, and `get_config` reports their
+    current values. A `DEQLayer` owns one (`layer.jacobian_penalty`) and
+    calls `loss` once per training call, at z*.
+
+    Args:
+        weight: γ >= 0. Defaults to `0.0` (off).
+        freq: p in [0, 1]. Defaults to `1.0`.
+        num_samples: Gaussian probes M. Defaults to `1`.
+        seed: int seed of the gate and the probes. Defaults to `None`
+            (drawn from Keras' global seed).
+        metric_name: name of the metric. Defaults to `None`
+            (`"{name}_value"`).
+        **kwargs: base layer arguments (`name`).
+
+    Reference:
+        Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian
+        Regularization", ICML 2021, eq. 3–4.
+    """
+
+    def __init__(
+        self,
+        weight: float = 0.0,
+        freq: float = 1.0,
+        num_samples: int = 1,
+        seed: int | None = None,
+        metric_name: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        weight = validation.check_nonnegative("jac_weight", weight)
+        freq = validation.check_range("jac_freq", freq, 0, 1)
+        self.num_samples = validation.check_int("jac_samples", num_samples, 1)
+        if seed is not None:
+            validation.check_int("seed", seed, 0)
+        self.seed = seed
+        self.metric_name = metric_name
+        self.weight = self._variable("jac_weight", weight)
+        self.freq = self._variable("jac_freq", freq)
+        self.seed_generator = keras.random.SeedGenerator(
+            seed, name="jac_seed_generator"
+        )
+        self.metric = MeasuredMean(name=metric_name or f"{self.name}_value")
+        self.built = True
+
+    def _variable(self, name, value):
+        return self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(value),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            name=name,
+        )
+
+    def loss(
+        self, f: Callable[[tf.Tensor], tf.Tensor], z_star: tf.Tensor
+    ) -> tf.Tensor:
+        """The penalty at `z_star` for this step (0 when the gate is off).
+
+        Args:
+            f: maps `[B, d]` to `[B, d]`, each sample on its own.
+            z_star: `[B, d]` equilibrium, without gradient.
+
+        Returns:
+            A scalar in the dtype of `z_star`, differentiable with respect
+            to the variables of f.
+        """
+        dtype = z_star.dtype
+        gamma = tf.cast(self.weight, dtype)
+        draw = keras.random.uniform((), seed=self.seed_generator)
+        gate = tf.logical_and(draw < self.freq, gamma > 0)
+
+        def penalty():
+            estimate = jacobian.frobenius_estimate(
+                f, z_star, self.num_samples, seed=self.seed_generator
+            )
+            # An empty batch adds 0, not the NaN of an empty mean.
+            size = tf.cast(tf.size(estimate), dtype)
+            return gamma * tf.math.divide_no_nan(tf.reduce_sum(estimate), size)
+
+        value = tf.cond(gate, penalty, lambda: tf.zeros((), dtype))
+        self.metric.update_state(
+            tf.cast(value, tf.float32), sample_weight=tf.cast(gate, tf.float32)
+        )
+        return value
+
+    def settings(self) -> dict:
+        """γ and p as they are now, and M: `DEQLayer`'s `jac_*` arguments."""
+        return {
+            "jac_weight": float(keras.ops.convert_to_numpy(self.weight)),
+            "jac_freq": float(keras.ops.convert_to_numpy(self.freq)),
+            "jac_samples": self.num_samples,
+        }
+
+    def get_config(self):
+        settings = self.settings()
+        return {
+            **super().get_config(),
+            "weight": settings["jac_weight"],
+            "freq": settings["jac_freq"],
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "metric_name": self.metric_name,
+        }
