@@ -1,7 +1,13 @@
 """Keras layers: the DEQ layer and the pieces DEQ blocks are built from."""
 
 from keras_deq.layers.deq_layer import DEQLayer
+from keras_deq.layers.noise import PerSolveNoise
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
 
-__all__ = ["DEQLayer", "VariationalDropout", "WeightNormalization"]
+__all__ = [
+    "DEQLayer",
+    "PerSolveNoise",
+    "VariationalDropout",
+    "WeightNormalization",
+]

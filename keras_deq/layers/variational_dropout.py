@@ -14,11 +14,12 @@ class VariationalDropout(keras.layers.Layer):
 
     Ordinary dropout draws a new mask on every call, so inside a DEQ block
     the map f would change from one solver iteration to the next and have
-    no fixed point. Inside a `DEQLayer`, this layer's mask is drawn once per
-    `DEQLayer` call and used by every evaluation of the block in it: each
-    forward iteration, the evaluation at z* that the backward pass
-    differentiates, and the Jacobian penalty. The next call draws a new
-    mask. Used outside a `DEQLayer`, it draws a mask per call.
+    no fixed point. This layer implements `keras_deq.layers.PerSolveNoise`:
+    inside a `DEQLayer`, its mask is drawn once per `DEQLayer` call and
+    used by every evaluation of the block in it: each forward iteration,
+    the evaluation at z* that the backward pass differentiates, and the
+    Jacobian penalty. The next call draws a new mask. Used outside a
+    `DEQLayer`, it draws a mask per call.
 
     The mask is per sample and per channel (the last axis) and shared over
     the other axes, as in the variational dropout of DEQ-Transformer and
@@ -61,15 +62,22 @@ class VariationalDropout(keras.layers.Layer):
         self._channels = input_shape[-1]
         self.built = True
 
-    def sample_mask(self, batch_size, dtype="float32"):
-        """A new mask, `[batch_size, 1, ..., 1, channels]`, scaled."""
+    def draw_noise(self, batch_size):
+        """A new mask, `[batch_size, 1, ..., 1, channels]`, scaled.
+
+        `None` when the rate is 0. With `fixed_noise`, the
+        `keras_deq.layers.PerSolveNoise` protocol.
+        """
+        if self.rate == 0:
+            return None
         shape = [batch_size] + [1] * (self._rank - 2) + [self._channels]
         keep = 1.0 - self.rate
         draw = keras.random.uniform(shape, seed=self.seed_generator)
+        dtype = self.compute_dtype
         return tf.cast(draw < keep, dtype) / tf.cast(keep, dtype)
 
     @contextlib.contextmanager
-    def fixed_mask(self, mask):
+    def fixed_noise(self, mask):
         """Makes every call inside the context use `mask`."""
         previous, self._fixed_mask = self._fixed_mask, mask
         try:
@@ -82,7 +90,7 @@ class VariationalDropout(keras.layers.Layer):
             return inputs
         mask = self._fixed_mask
         if mask is None:
-            mask = self.sample_mask(tf.shape(inputs)[0])
+            mask = self.draw_noise(tf.shape(inputs)[0])
         return inputs * tf.cast(mask, inputs.dtype)
 
     def compute_output_shape(self, input_shape):

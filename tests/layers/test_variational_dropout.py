@@ -18,14 +18,14 @@ def inputs(n=16, d=4, seed=0):
 def recorded_masks(monkeypatch):
     """Records every mask VariationalDropout draws."""
     masks = []
-    original = VariationalDropout.sample_mask
+    original = VariationalDropout.draw_noise
 
     def recording(self, *args, **kwargs):
         mask = original(self, *args, **kwargs)
         masks.append(mask)
         return mask
 
-    monkeypatch.setattr(VariationalDropout, "sample_mask", recording)
+    monkeypatch.setattr(VariationalDropout, "draw_noise", recording)
     return masks
 
 
@@ -56,7 +56,7 @@ def test_one_mask_per_deq_call_and_the_solve_converges(recorded_masks):
     # The output is the fixed point of the block under that one mask; a
     # mask redrawn per iteration would leave a residual of dropout size.
     assert layer.forward_residual.result().numpy() < 1e-5
-    with layer.block.drop.fixed_mask(mask):
+    with layer.block.drop.fixed_noise(mask):
         fz = layer.block(z, x, training=True).numpy()
     np.testing.assert_allclose(fz, z, atol=1e-4)
     # The next call draws a new mask.
@@ -77,7 +77,7 @@ def test_backward_uses_the_forward_mask(recorded_masks, monkeypatch):
     (mask,) = recorded_masks
     # Reference: 200 plain iterations under the same mask, backpropagated.
     monkeypatch.setattr(
-        VariationalDropout, "sample_mask", lambda self, *a, **k: mask
+        VariationalDropout, "draw_noise", lambda self, *a, **k: mask
     )
     unrolled = keras_deq.DEQLayer(
         layer.block, gradient="unrolled", max_iter=200
