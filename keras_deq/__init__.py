@@ -14,6 +14,7 @@ from keras_deq import gradients  # noqa: E402
 from keras_deq import jacobian  # noqa: E402
 from keras_deq import layers  # noqa: E402
 from keras_deq import models  # noqa: E402
+from keras_deq import regularizers  # noqa: E402
 from keras_deq import solvers  # noqa: E402
 from keras_deq.layers import DEQLayer  # noqa: E402
 
@@ -26,5 +27,6 @@ __all__ = [
     "jacobian",
     "layers",
     "models",
+    "regularizers",
     "solvers",
 ]

@@ -12,9 +12,11 @@ from tensorflow.python.eager import record
 from keras_deq import gradients
 from keras_deq import jacobian
 from keras_deq import solvers
-from keras_deq.layers.variational_dropout import VariationalDropout
+from keras_deq.layers.noise import noisy_layers
+from keras_deq.regularizers import JacobianPenalty
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
+from keras_deq.utils.metrics import MeasuredMean
 from keras_deq.utils.state import StateFlattener
 
 # Eager calls run the forward solve through a `tf.function` (an eager
@@ -56,10 +58,18 @@ class DEQLayer(keras.layers.Layer):
     with p = `jac_freq`; when τ = 1 and γ = `jac_weight` > 0 the layer adds
     γ · mean over the batch of the Hutchinson estimate of ‖J_f(z*)‖_F² / d
     (`keras_deq.jacobian.frobenius_estimate`, `jac_samples` probes) with
-    `add_loss`; otherwise the estimator is not run at all. γ and p are the
-    non-trainable variables `layer.jac_weight` and `layer.jac_freq`, so
-    callbacks (`keras_deq.callbacks.JacobianSchedule`, `AdaptiveJacobian`)
-    can change them during `fit` without retracing the step.
+    `add_loss`; otherwise the estimator is not run at all. The penalty is
+    the layer's `jacobian_penalty` (a `keras_deq.regularizers.
+    JacobianPenalty`), whose non-trainable variables γ and p are also
+    `layer.jac_weight` and `layer.jac_freq`, so callbacks
+    (`keras_deq.callbacks.JacobianSchedule`, `AdaptiveJacobian`) can change
+    them during `fit` without retracing the step, and `get_config` saves
+    their current values.
+
+    Randomness inside the block: a layer that implements
+    `keras_deq.layers.PerSolveNoise` (such as `VariationalDropout`) gets
+    one draw per training call, held for every evaluation of the block in
+    that call: forward iterations, backward and penalty.
 
     Args:
         block: a `keras.layers.Layer` whose `call(z, x, training=None)`
@@ -88,7 +98,8 @@ class DEQLayer(keras.layers.Layer):
         gradient: `"implicit"` (implicit function theorem), `"phantom"`
             (`phantom_steps` damped steps from z*, no linear solve) or
             `"unrolled"` (`max_iter` plain iterations from the initial state,
-            backpropagated through; for pretraining and checks). Defaults to
+            backpropagated through; for pretraining and checks), or a kind
+            registered with `keras_deq.gradients.register`. Defaults to
             `"implicit"`.
         phantom_steps: steps of the phantom gradient. Defaults to `1`.
         phantom_tau: damping τ of the phantom steps, in (0, 1]. Defaults to
@@ -205,14 +216,9 @@ class DEQLayer(keras.layers.Layer):
         if backward_max_iter is not None:
             validation.check_int("backward_max_iter", backward_max_iter, 1)
         validation.check_positive("backward_tol", backward_tol)
-        validation.check_choice("gradient", gradient, gradients.GRADIENTS)
+        gradients.check("gradient", gradient)
         validation.check_int("phantom_steps", phantom_steps, 1)
         validation.check_range("phantom_tau", phantom_tau, 0, 1, low_open=True)
-        jac_weight = validation.check_nonnegative("jac_weight", jac_weight)
-        jac_freq = validation.check_range("jac_freq", jac_freq, 0, 1)
-        validation.check_int("jac_samples", jac_samples, 1)
-        if seed is not None:
-            validation.check_int("seed", seed, 0)
         validation.check_int("sample_axes", sample_axes, 1)
         solver_options = solvers.check_options(
             "solver_options", solver, solver_options
@@ -240,29 +246,30 @@ class DEQLayer(keras.layers.Layer):
         self.gradient = gradient
         self.phantom_steps = phantom_steps
         self.phantom_tau = phantom_tau
-        self.jac_samples = jac_samples
         self.seed = seed
         self.sample_axes = sample_axes
         self.solver_options = solver_options
         self.backward_solver_options = backward_solver_options
         self._backward_options = backward_options
-        self._jac_config = {"jac_weight": jac_weight, "jac_freq": jac_freq}
-        self.jac_weight = None
-        self.jac_freq = None
-        self._seed_generator = keras.random.SeedGenerator(
-            seed, name="jac_seed_generator"
+        # γ and p live in the penalty's variables, and only there.
+        self.jacobian_penalty = JacobianPenalty(
+            jac_weight,
+            jac_freq,
+            jac_samples,
+            seed,
+            metric_name=f"{self.name}_jac_loss",
+            name="jacobian_penalty",
         )
 
         self.forward_nfe = MeasuredMean(name=f"{self.name}_forward_nfe")
         self.forward_residual = MeasuredMean(
             name=f"{self.name}_forward_residual"
         )
-        if gradient == "implicit":
+        if gradients.reports_backward(gradient):
             self.backward_nfe = MeasuredMean(name=f"{self.name}_backward_nfe")
             self.backward_residual = MeasuredMean(
                 name=f"{self.name}_backward_residual"
             )
-        self.jac_loss = MeasuredMean(name=f"{self.name}_jac_loss")
         self._state_spec = None
         self._training_overrides = {}
 
@@ -290,20 +297,26 @@ class DEQLayer(keras.layers.Layer):
         self._check_block_output(self._state_spec, z1)
         self._check_no_batch_statistics()
         self._check_sample_axes(self._state_spec)
-        for name, value in self._jac_config.items():
-            setattr(
-                self,
-                name,
-                self.add_weight(
-                    shape=(),
-                    initializer=keras.initializers.Constant(value),
-                    dtype="float32",
-                    trainable=False,
-                    autocast=False,
-                    name=name,
-                ),
-            )
         self.built = True
+
+    @property
+    def jac_weight(self):
+        """γ, the penalty's non-trainable float32 variable."""
+        return self.jacobian_penalty.weight
+
+    @property
+    def jac_freq(self):
+        """p, the penalty's non-trainable float32 variable."""
+        return self.jacobian_penalty.freq
+
+    @property
+    def jac_samples(self) -> int:
+        return self.jacobian_penalty.num_samples
+
+    @property
+    def jac_loss(self):
+        """The penalty's metric, `{name}_jac_loss`."""
+        return self.jacobian_penalty.metric
 
     def _initial_state(self, x):
         if hasattr(self.block, "initial_state"):
@@ -414,26 +427,19 @@ class DEQLayer(keras.layers.Layer):
             return tf.float64
         return tf.float32
 
-    def _dropouts(self):
-        return [
-            layer
-            for layer in self.block._flatten_layers(include_self=True)
-            if isinstance(layer, VariationalDropout) and layer.rate > 0
-        ]
-
-    def _sample_masks(self, x, training):
-        """One mask per VariationalDropout in the block, for this call."""
-        dropouts = self._dropouts()
-        if not training or not dropouts:
+    def _draw_noise(self, x, training):
+        """One draw per noisy layer of the block, for this call."""
+        if not training:
             return None
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
-        return [d.sample_mask(batch, self.compute_dtype) for d in dropouts]
+        draws = [layer.draw_noise(batch) for layer in noisy_layers(self.block)]
+        return draws or None
 
-    def _flat_block(self, x, z0, training, masks=None, sample_axes=None):
+    def _flat_block(self, x, z0, training, noise=None, sample_axes=None):
         flattener = StateFlattener(
             z0, self._solver_dtype, sample_axes or self.sample_axes
         )
-        dropouts = self._dropouts() if masks is not None else []
+        noisy = noisy_layers(self.block) if noise is not None else []
 
         def f(z):
             # The block's own losses (activity regularizers, add_loss) of
@@ -441,16 +447,32 @@ class DEQLayer(keras.layers.Layer):
             # one stay, which `call` takes at z* (see `_take_block_losses`).
             self.block._clear_losses()
             with contextlib.ExitStack() as stack:
-                for dropout, mask in zip(dropouts, masks or [], strict=True):
-                    stack.enter_context(dropout.fixed_mask(mask))
+                for layer, draw in zip(noisy, noise or [], strict=True):
+                    stack.enter_context(layer.fixed_noise(draw))
                 out = self._apply_block(flattener.unflatten(z), x, training)
             return flattener.flatten(out)
 
         return f, flattener
 
-    def _forward_solve(self, x, z0, training, masks, max_iter):
-        f, flattener = self._flat_block(x, z0, training, masks)
+    def _forward_solve(self, x, z0, training, noise, max_iter):
+        f, flattener = self._flat_block(x, z0, training, noise)
         return self._run_solver(f, flattener.flatten(z0), max_iter)
+
+    def _solve_per_sample(self, x, z0, training, noise, max_iter):
+        """The forward solve, z* flattened per sample `[B, d]`.
+
+        Rows are solved per `sample_axes`; `nstep` and the residuals stay
+        per row.
+        """
+        if tf.executing_eagerly():
+            result = self._eager_solve(x, z0, bool(training), noise, max_iter)
+        else:
+            result = self._forward_solve(x, z0, training, noise, max_iter)
+        if self.sample_axes == 1:
+            return result
+        rows = StateFlattener(z0, self._solver_dtype, self.sample_axes)
+        samples = StateFlattener(z0, self._solver_dtype, 1)
+        return result._replace(z=samples.flatten(rows.unflatten(result.z)))
 
     def solve(self, f, z0):
         """z* = f(z*) from `z0` with this layer's forward solver settings.
@@ -514,8 +536,7 @@ class DEQLayer(keras.layers.Layer):
         """
         overrides = {}
         if gradient is not None:
-            validation.check_choice("gradient", gradient, gradients.GRADIENTS)
-            overrides["gradient"] = gradient
+            overrides["gradient"] = gradients.check("gradient", gradient)
         if max_iter is not None:
             overrides["max_iter"] = validation.check_int(
                 "max_iter", max_iter, 1
@@ -537,51 +558,39 @@ class DEQLayer(keras.layers.Layer):
             z0 = self._given_state(initial_state, x)
         # Every evaluation of the block in this call (forward iterations,
         # the one at z* that the backward uses, the Jacobian penalty) sees
-        # the same dropout masks.
-        masks = self._sample_masks(x, training)
-        f, flattener = self._flat_block(x, z0, training, masks)
-        if gradient == "unrolled":
-            z, z_prev = gradients.unrolled(f, flattener.flatten(z0), max_iter)
-            _, rel_res = _loop.residuals(z_prev, z)
-            nstep = tf.fill(tf.shape(rel_res), max_iter)
-            z_star = tf.stop_gradient(z)
-        else:
-            if tf.executing_eagerly():
-                result = self._eager_solve(
-                    x, z0, bool(training), masks, max_iter
-                )
-            else:
-                result = self._forward_solve(x, z0, training, masks, max_iter)
-            z_star, nstep, rel_res = result.z, result.nstep, result.rel_residual
-            if self.sample_axes > 1 and gradient == "implicit":
-                # The backward's linear system couples the rows of a sample
-                # (anti-causally, for a causal f); it is solved per sample.
-                rows = flattener
-                f, flattener = self._flat_block(x, z0, training, masks, 1)
-                z_star = flattener.flatten(rows.unflatten(z_star))
-            if gradient == "implicit":
-                z = gradients.implicit(
-                    f,
-                    z_star,
-                    functools.partial(
-                        solvers.get(self.backward_solver or self.solver),
-                        **self._backward_options,
-                    ),
-                    self.backward_max_iter or max_iter,
-                    self.backward_tol,
-                    # Backward statistics describe training; outside it the
-                    # gradient function must capture no metric variables,
-                    # since a SavedModel serializes it with the forward.
-                    on_backward=(
-                        self._record_backward
-                        if training and hasattr(self, "backward_nfe")
-                        else None
-                    ),
-                )
-            else:
-                z = gradients.phantom(
-                    f, z_star, self.phantom_steps, self.phantom_tau
-                )
+        # the same draw of its per-solve noise (dropout masks).
+        noise = self._draw_noise(x, training)
+        # The gradient kinds see whole samples: the implicit backward's
+        # linear system couples the rows of a sample (anti-causally, for a
+        # causal f), even when the forward solves them one by one.
+        f, flattener = self._flat_block(x, z0, training, noise, 1)
+
+        def solve():
+            return self._solve_per_sample(x, z0, training, noise, max_iter)
+
+        problem = gradients.Problem(
+            f=f,
+            z0=flattener.flatten(z0),
+            solve=solve,
+            max_iter=max_iter,
+            backward_solver=functools.partial(
+                solvers.get(self.backward_solver or self.solver),
+                **self._backward_options,
+            ),
+            backward_max_iter=self.backward_max_iter or max_iter,
+            backward_tol=self.backward_tol,
+            phantom_steps=self.phantom_steps,
+            phantom_tau=self.phantom_tau,
+            # Backward statistics describe training; outside it the
+            # gradient function must capture no metric variables, since a
+            # SavedModel serializes it with the forward.
+            on_backward=(
+                self._record_backward
+                if training and hasattr(self, "backward_nfe")
+                else None
+            ),
+        )
+        z, forward = gradients.get(gradient)(problem)
         # Losses the block added at the evaluation that gives the output (at
         # z*): the solve's are inside its loop and the penalty's inside a
         # cond, where nothing outside may read them.
@@ -589,10 +598,13 @@ class DEQLayer(keras.layers.Layer):
         if block_losses:
             self.add_loss(block_losses)
         if training:
-            self._jacobian_penalty(f, z_star)
+            penalty = self.jacobian_penalty.loss(f, forward.z)
+            self.add_loss(tf.cast(penalty, self.variable_dtype))
             self.block._clear_losses()
-        self.forward_nfe.update_state(tf.cast(nstep, tf.float32))
-        self.forward_residual.update_state(tf.cast(rel_res, tf.float32))
+        self.forward_nfe.update_state(tf.cast(forward.nstep, tf.float32))
+        self.forward_residual.update_state(
+            tf.cast(forward.rel_residual, tf.float32)
+        )
         return flattener.unflatten(z)
 
     def _take_block_losses(self):
@@ -605,28 +617,7 @@ class DEQLayer(keras.layers.Layer):
         self.block._clear_losses()
         return losses
 
-    def _jacobian_penalty(self, f, z_star):
-        """Adds γ · mean ‖J_f(z*)‖_F² / d when a Bernoulli(p) draw says so."""
-        dtype = z_star.dtype
-        gamma = tf.cast(self.jac_weight, dtype)
-        draw = keras.random.uniform((), seed=self._seed_generator)
-        gate = tf.logical_and(draw < self.jac_freq, gamma > 0)
-
-        def penalty():
-            estimate = jacobian.frobenius_estimate(
-                f, z_star, self.jac_samples, seed=self._seed_generator
-            )
-            # An empty batch adds 0, not the NaN of an empty mean.
-            size = tf.cast(tf.size(estimate), dtype)
-            return gamma * tf.math.divide_no_nan(tf.reduce_sum(estimate), size)
-
-        value = tf.cond(gate, penalty, lambda: tf.zeros((), dtype))
-        self.add_loss(tf.cast(value, self.variable_dtype))
-        self.jac_loss.update_state(
-            tf.cast(value, tf.float32), sample_weight=tf.cast(gate, tf.float32)
-        )
-
-    def _eager_solve(self, x, z0, training, masks, max_iter):
+    def _eager_solve(self, x, z0, training, noise, max_iter):
         settings = repr(
             (
                 self.solver,
@@ -640,11 +631,11 @@ class DEQLayer(keras.layers.Layer):
         if settings not in functions:
             layer = weakref.ref(self)
 
-            def solve(x, z0, training, masks):
-                return layer()._forward_solve(x, z0, training, masks, max_iter)
+            def solve(x, z0, training, noise):
+                return layer()._forward_solve(x, z0, training, noise, max_iter)
 
             functions[settings] = tf.function(solve, reduce_retracing=True)
-        return functions[settings](x, z0, training, masks)
+        return functions[settings](x, z0, training, noise)
 
     def spectral_radius(self, x, num_iters: int = 50) -> tf.Tensor:
         """Power-method estimate of ρ(J_f(z*)) at the equilibrium of `x`.
@@ -666,15 +657,10 @@ class DEQLayer(keras.layers.Layer):
         if not self.built:
             self.build(tf.nest.map_structure(lambda t: t.shape, x))
         z0 = self._initial_state(x)
-        if tf.executing_eagerly():
-            result = self._eager_solve(x, z0, False, None, self.max_iter)
-        else:
-            result = self._forward_solve(x, z0, False, None, self.max_iter)
         # Whole samples, also when the solve ran per position.
-        _, rows = self._flat_block(x, z0, False)
-        f, flattener = self._flat_block(x, z0, False, sample_axes=1)
-        z_star = flattener.flatten(rows.unflatten(result.z))
-        return jacobian.spectral_radius(f, z_star, num_iters)
+        result = self._solve_per_sample(x, z0, False, None, self.max_iter)
+        f, _ = self._flat_block(x, z0, False, sample_axes=1)
+        return jacobian.spectral_radius(f, result.z, num_iters)
 
     def _record_backward(self, result):
         self.backward_nfe.update_state(tf.cast(result.nstep, tf.float32))
@@ -706,8 +692,7 @@ class DEQLayer(keras.layers.Layer):
                 "gradient": self.gradient,
                 "phantom_steps": self.phantom_steps,
                 "phantom_tau": self.phantom_tau,
-                **self._jac_values(),
-                "jac_samples": self.jac_samples,
+                **self.jacobian_penalty.settings(),
                 "seed": self.seed,
                 "sample_axes": self.sample_axes,
                 "solver_options": dict(self.solver_options),
@@ -716,15 +701,6 @@ class DEQLayer(keras.layers.Layer):
         )
         return config
 
-    def _jac_values(self):
-        """γ and p: their variables' current values once built."""
-        if self.jac_weight is None:
-            return dict(self._jac_config)
-        return {
-            name: float(keras.ops.convert_to_numpy(getattr(self, name)))
-            for name in self._jac_config
-        }
-
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
@@ -732,17 +708,6 @@ class DEQLayer(keras.layers.Layer):
             config.pop("block"), custom_objects=custom_objects
         )
         return cls(block, **config)
-
-
-class MeasuredMean(keras.metrics.Mean):
-    """A mean that reads NaN, not 0, when it has no values to average."""
-
-    def result(self):
-        return tf.where(
-            self.count > 0,
-            tf.math.divide_no_nan(self.total, self.count),
-            tf.constant(float("nan"), self.dtype),
-        )
 
 
 def _takes_one_tensor(block):

@@ -51,15 +51,6 @@ def residuals(z: tf.Tensor, fz: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return abs_res, rel_res
 
 
-def slot_indices(batch_size: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
-    """`[B, 2]` indices of slot `slot` of every sample in a `[B, T, d]` history.
-
-    Histories are batch-major so that products with them are batched
-    matrix-vector products, with no transposed copy of the history.
-    """
-    return tf.stack([tf.range(batch_size), tf.fill([batch_size], slot)], axis=1)
-
-
 def iterate(
     f: Callable[[tf.Tensor], tf.Tensor],
     z0: tf.Tensor,
