@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras_deq.layers.deq_layer import DEQLayer
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
+from keras_deq.models import _deq_options
 from keras_deq.utils import validation
 
 NORMS = ("post", "pre")
@@ -55,7 +56,7 @@ class DEQTransformerBlock(keras.layers.Layer):
     LN₃ keeps the equilibrium on the LayerNorm scale, as post-LN does.
 
     `attention` is causal multi-head scaled dot-product attention
-    (`keras.ops.dot_product_attention` with `is_causal=True`), so position t
+    (`keras.ops.dot_product_attention` with a causal mask), so position t
     of f depends on positions ≤ t of z and x only. The projections are
     `keras.layers.Dense` layers wrapped in `WeightNormalization` (when
     `weight_norm`) and start from N(0, σ²) weights, σ = 1/√fan_in unless
@@ -373,18 +374,38 @@ class DEQTransformerLM(keras.Model):
     its own problem (`sample_axes=2`), so the output at position t depends
     on tokens ≤ t only, exactly, at any tolerance.
 
+    DEQ settings: the `DEQLayer` arguments default to `DEQ_DEFAULTS`, and
+    every `DEQLayer` argument is a keyword argument of the model too
+    (`DEQTransformerLM(vocab_size, max_iter=30, solver_options={"memory":
+    8})`); `get_config` saves them with their current values (γ and p as
+    callbacks left them). `jac_weight=None` is the width-aware γ above.
+    `sample_axes=2` is what makes the output causal exactly and the cached
+    decoding (`decode_step`, `generate`) equal to a full re-solve; with 1,
+    both hold to within the tolerance only.
+
     Args:
         vocab_size: number of token ids.
         hidden_dim, num_heads, intermediate_dim, norm, dropout,
         weight_norm, init_stddev, layer_norm_epsilon: of the block (and
             `dropout` also on the embedded input and before the head).
-        solver, max_iter, tol, backward_max_iter, backward_tol, gradient,
-        jac_weight: γ of the `DEQLayer`, or `None` (the default) for
-            1.6 · min(1, √(hidden_dim / 700)).
-        jac_freq, jac_samples: of the `DEQLayer`.
-        seed: int seed of initialisers, dropout and the penalty's draws.
-        **kwargs: `keras.Model` arguments (`name`, `dtype`).
+        seed: int seed of initialisers, dropout and the `DEQLayer`'s
+            penalty draws.
+        **kwargs: any `DEQLayer` argument but `seed` (`solver`, `max_iter`,
+            `tol`, `gradient`, `jac_weight`, ...; see `DEQ_DEFAULTS`), and
+            `keras.Model` arguments (`name`, `dtype`, `trainable`).
     """
+
+    DEQ_DEFAULTS = {
+        "solver": "broyden",
+        "max_iter": 12,
+        "tol": 1e-3,
+        "backward_max_iter": 12,
+        "backward_tol": 1e-4,
+        "jac_weight": None,
+        "jac_freq": 0.35,
+        "jac_samples": 1,
+        "sample_axes": 2,
+    }
 
     def __init__(
         self,
@@ -397,25 +418,18 @@ class DEQTransformerLM(keras.Model):
         weight_norm: bool = True,
         init_stddev: float | None = None,
         layer_norm_epsilon: float = 1e-5,
-        solver: str = "broyden",
-        max_iter: int = 12,
-        tol: float = 1e-3,
-        backward_max_iter: int = 12,
-        backward_tol: float = 1e-4,
-        gradient: str = "implicit",
-        jac_weight: float | None = None,
-        jac_freq: float = 0.35,
-        jac_samples: int = 1,
         seed: int | None = None,
         **kwargs,
     ):
         keras_hub = _keras_hub()
+        deq_options = _deq_options.take(self.DEQ_DEFAULTS, kwargs)
         validation.check_int("vocab_size", vocab_size, 2)
         hidden_dim, num_heads = _check_heads(hidden_dim, num_heads)
         init_stddev = _check_stddev(init_stddev)
-        if jac_weight is None:
-            jac_weight = default_jac_weight(hidden_dim)
-        dtype = kwargs.pop("dtype", None)
+        if deq_options["jac_weight"] is None:
+            deq_options["jac_weight"] = default_jac_weight(hidden_dim)
+        dtype = _deq_options.dtype_policy(kwargs.pop("dtype", None))
+        _deq_options.check_base("DEQTransformerLM", kwargs)
         block = DEQTransformerBlock(
             hidden_dim,
             num_heads,
@@ -429,22 +443,7 @@ class DEQTransformerLM(keras.Model):
             dtype=dtype,
             name="transformer_block",
         )
-        deq = DEQLayer(
-            block,
-            solver=solver,
-            max_iter=max_iter,
-            tol=tol,
-            backward_max_iter=backward_max_iter,
-            backward_tol=backward_tol,
-            gradient=gradient,
-            jac_weight=jac_weight,
-            jac_freq=jac_freq,
-            jac_samples=jac_samples,
-            seed=seed,
-            sample_axes=2,
-            dtype=dtype,
-            name="deq",
-        )
+        deq = DEQLayer(block, seed=seed, dtype=dtype, name="deq", **deq_options)
         embedding = keras_hub.layers.ReversibleEmbedding(
             vocab_size,
             hidden_dim,
@@ -491,6 +490,8 @@ class DEQTransformerLM(keras.Model):
             "linear", dtype="float32", name="logits"
         )(logits)
         super().__init__(tokens, logits, **kwargs)
+        if dtype is not None:  # Functional drops it, as keras-hub notes
+            self.dtype_policy = dtype
         self._config = {
             "vocab_size": vocab_size,
             "hidden_dim": hidden_dim,
@@ -501,15 +502,6 @@ class DEQTransformerLM(keras.Model):
             "weight_norm": weight_norm,
             "init_stddev": init_stddev,
             "layer_norm_epsilon": layer_norm_epsilon,
-            "solver": solver,
-            "max_iter": max_iter,
-            "tol": tol,
-            "backward_max_iter": backward_max_iter,
-            "backward_tol": backward_tol,
-            "gradient": gradient,
-            "jac_weight": jac_weight,
-            "jac_freq": jac_freq,
-            "jac_samples": jac_samples,
             "seed": seed,
         }
         self._next_logits = None
@@ -517,7 +509,11 @@ class DEQTransformerLM(keras.Model):
         self._decode_compiled = None
 
     def get_config(self):
-        return {"name": self.name, **self._config}
+        return {
+            **_deq_options.base_config(self),
+            **self._config,
+            **_deq_options.current(self.get_layer("deq")),
+        }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

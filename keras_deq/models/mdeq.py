@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras_deq.layers.deq_layer import DEQLayer
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
+from keras_deq.models import _deq_options
 from keras_deq.utils import validation
 
 
@@ -35,12 +36,10 @@ class GroupNorm(keras.layers.GroupNormalization):
     The same arithmetic (per sample and group: the mean, then the mean of
     squared deviations, both over positions and the group's channels), with
     the same weights and configuration. For channels-last inputs it sums
-    over the positions first (`[B, H·W, C]` → `[B, C]`, a reduction
-    TensorFlow's CPU kernels run fast) and over each group's channels
-    second, where Keras reduces a `[B, H, W, G, C/G]` tensor over three
-    axes at once: on a 64×32×32×80 tensor 5.7 ms instead of 8.6 ms forward
-    (16.9 ms instead of 19.8 ms with the gradient), equal to 2.4e-6. Other
-    axes fall back to Keras' computation.
+    over the positions first (`[B, H·W, C]` → `[B, C]`, a contiguous
+    reduction) and over each group's channels second, where Keras reduces a
+    `[B, H, W, G, C/G]` tensor over three axes at once (the timings are in
+    `benchmarks/README.md`). Other axes fall back to Keras' computation.
     """
 
     def call(self, inputs):
@@ -297,8 +296,14 @@ class MDEQClassifier(keras.Model):
 
     The defaults are Table 4 (CIFAR-10) of Bai, Koltun & Kolter (2021):
     widths (28, 56, 112, 224), GroupNorm, variational dropout 0.25, weight
-    normalization, Broyden with 7 forward / 8 backward NFEs and tolerances
-    1e-3 / 1e-4, Jacobian penalty γ = 0.5 with p = 0.05, M = 1.
+    normalization, and the `DEQLayer` settings `DEQ_DEFAULTS`: Broyden with
+    7 forward / 8 backward NFEs and tolerances 1e-3 / 1e-4, Jacobian
+    penalty γ = 0.5 with p = 0.05, M = 1.
+
+    Every other `DEQLayer` argument is a keyword argument of the model too
+    (`MDEQClassifier(10, max_iter=12, solver="anderson",
+    solver_options={"m": 5})`), applied over `DEQ_DEFAULTS`; `get_config`
+    saves them with their current values (γ and p as callbacks left them).
 
     The model is functional (`model.get_layer("deq")` is the DEQLayer), so
     `.keras` files, `model.export` and the `keras_deq.callbacks` work on it.
@@ -309,12 +314,23 @@ class MDEQClassifier(keras.Model):
         widths: channels per resolution, finest first.
         expansion, num_groups, dropout, weight_norm, init_stddev: of the
             `MDEQBlock`.
-        solver, max_iter, tol, backward_max_iter, backward_tol, gradient,
-        phantom_steps, phantom_tau, jac_weight, jac_freq, jac_samples: of
-            the `DEQLayer`.
-        seed: int seed of initialisers, dropout and the penalty's draws.
-        **kwargs: `keras.Model` arguments (`name`).
+        seed: int seed of initialisers, dropout and the `DEQLayer`'s
+            penalty draws.
+        **kwargs: any `DEQLayer` argument but `seed` (`solver`, `max_iter`,
+            `tol`, `gradient`, `jac_weight`, ...; see `DEQ_DEFAULTS`), and
+            `keras.Model` arguments (`name`, `dtype`, `trainable`).
     """
+
+    DEQ_DEFAULTS = {
+        "solver": "broyden",
+        "max_iter": 7,
+        "tol": 1e-3,
+        "backward_max_iter": 8,
+        "backward_tol": 1e-4,
+        "jac_weight": 0.5,
+        "jac_freq": 0.05,
+        "jac_samples": 1,
+    }
 
     def __init__(
         self,
@@ -326,20 +342,10 @@ class MDEQClassifier(keras.Model):
         dropout: float = 0.25,
         weight_norm: bool = True,
         init_stddev: float = 0.01,
-        solver: str = "broyden",
-        max_iter: int = 7,
-        tol: float = 1e-3,
-        backward_max_iter: int = 8,
-        backward_tol: float = 1e-4,
-        gradient: str = "implicit",
-        phantom_steps: int = 1,
-        phantom_tau: float = 1.0,
-        jac_weight: float = 0.5,
-        jac_freq: float = 0.05,
-        jac_samples: int = 1,
         seed: int | None = None,
         **kwargs,
     ):
+        deq_options = _deq_options.take(self.DEQ_DEFAULTS, kwargs)
         validation.check_int("num_classes", num_classes, 2)
         widths = _check_widths(widths, num_groups)
         input_shape = tuple(input_shape)
@@ -352,7 +358,8 @@ class MDEQClassifier(keras.Model):
                 f"and width divisible by {scale} ({len(widths)} resolutions). "
                 f"Received: input_shape={input_shape}"
             )
-        dtype = kwargs.pop("dtype", None)
+        dtype = _deq_options.dtype_policy(kwargs.pop("dtype", None))
+        _deq_options.check_base("MDEQClassifier", kwargs)
 
         def norm(name):
             return GroupNorm(num_groups, epsilon=1e-5, dtype=dtype, name=name)
@@ -391,23 +398,7 @@ class MDEQClassifier(keras.Model):
             dtype=dtype,
             name="mdeq_block",
         )
-        deq = DEQLayer(
-            block,
-            solver=solver,
-            max_iter=max_iter,
-            tol=tol,
-            backward_max_iter=backward_max_iter,
-            backward_tol=backward_tol,
-            gradient=gradient,
-            phantom_steps=phantom_steps,
-            phantom_tau=phantom_tau,
-            jac_weight=jac_weight,
-            jac_freq=jac_freq,
-            jac_samples=jac_samples,
-            seed=seed,
-            dtype=dtype,
-            name="deq",
-        )
+        deq = DEQLayer(block, seed=seed, dtype=dtype, name="deq", **deq_options)
         states = deq(injections)
         pooled = [
             keras.layers.GlobalAveragePooling2D(dtype=dtype, name=f"pool{i}")(s)
@@ -420,6 +411,8 @@ class MDEQClassifier(keras.Model):
             num_classes, dtype="float32", name="logits"
         )(features)
         super().__init__(images, logits, **kwargs)
+        if dtype is not None:  # Functional drops it, as keras-hub notes
+            self.dtype_policy = dtype
         self._config = {
             "num_classes": num_classes,
             "input_shape": list(input_shape),
@@ -429,22 +422,15 @@ class MDEQClassifier(keras.Model):
             "dropout": dropout,
             "weight_norm": weight_norm,
             "init_stddev": init_stddev,
-            "solver": solver,
-            "max_iter": max_iter,
-            "tol": tol,
-            "backward_max_iter": backward_max_iter,
-            "backward_tol": backward_tol,
-            "gradient": gradient,
-            "phantom_steps": phantom_steps,
-            "phantom_tau": phantom_tau,
-            "jac_weight": jac_weight,
-            "jac_freq": jac_freq,
-            "jac_samples": jac_samples,
             "seed": seed,
         }
 
     def get_config(self):
-        return {"name": self.name, **self._config}
+        return {
+            **_deq_options.base_config(self),
+            **self._config,
+            **_deq_options.current(self.get_layer("deq")),
+        }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -31,7 +31,7 @@ def test_default_model_has_four_resolutions_and_table4_settings():
     assert (deq.backward_max_iter, deq.backward_tol) == (8, 1e-4)
     assert float(deq.jac_weight.numpy()) == 0.5
     np.testing.assert_allclose(deq.jac_freq.numpy(), 0.05)
-    dropouts = deq._dropouts()
+    dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
     assert len(dropouts) == 4 and all(d.rate == 0.25 for d in dropouts)
     wn = [
         layer

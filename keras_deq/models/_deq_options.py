@@ -1,0 +1,73 @@
+"""The `DEQLayer` settings of a model: its defaults, the user's, the config."""
+
+import inspect
+
+import keras
+
+from keras_deq.layers.deq_layer import DEQLayer
+
+# Set by the models themselves (the seed from the model's `seed`).
+_OWN = ("seed",)
+
+
+def option_names() -> list[str]:
+    """The `DEQLayer` arguments a model passes through (all but `seed`)."""
+    params = inspect.signature(DEQLayer.__init__).parameters.values()
+    return [
+        p.name
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.name not in _OWN
+    ]
+
+
+def take(defaults: dict, kwargs: dict) -> dict:
+    """`defaults` updated with the `DEQLayer` arguments popped from `kwargs`.
+
+    What stays in `kwargs` goes to `keras.Model`, which refuses what it
+    does not know.
+    """
+    options = dict(defaults)
+    for name in option_names():
+        if name in kwargs:
+            options[name] = kwargs.pop(name)
+    return options
+
+
+def current(deq: DEQLayer) -> dict:
+    """The layer's settings as they are now (γ and p from their variables)."""
+    config = deq.get_config()
+    return {name: config[name] for name in option_names()}
+
+
+_BASE = ("name", "trainable")
+
+
+def check_base(model_name: str, kwargs: dict) -> None:
+    """What is left of `kwargs` must be `keras.Model` arguments.
+
+    Functional models drop unknown keyword arguments silently; a typo in a
+    setting must not.
+    """
+    unknown = sorted(set(kwargs) - set(_BASE))
+    if unknown:
+        raise TypeError(
+            f"{model_name} got unexpected keyword arguments {unknown}. It "
+            f"takes its own arguments, any DEQLayer argument but `seed` "
+            f"({', '.join(option_names())}) and {list(_BASE)} and `dtype`. "
+            f"Received: {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}"
+        )
+
+
+def dtype_policy(dtype):
+    """`dtype` (a name, a policy or its serialized config) as a policy."""
+    return None if dtype is None else keras.dtype_policies.get(dtype)
+
+
+def base_config(model: keras.Model) -> dict:
+    """What keras-hub's backbones save of the base model: name, trainable,
+    dtype policy."""
+    return {
+        "name": model.name,
+        "trainable": model.trainable,
+        "dtype": keras.dtype_policies.serialize(model.dtype_policy),
+    }

@@ -1,0 +1,96 @@
+"""The models pass every DEQLayer setting through and keep their config."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_deq.models import DEQTransformerLM
+from keras_deq.models import MDEQClassifier
+
+NON_DEFAULT = dict(
+    solver="anderson",
+    max_iter=9,
+    tol=1e-5,
+    stop_mode="abs",
+    backward_solver="broyden",
+    backward_max_iter=11,
+    backward_tol=1e-6,
+    gradient="phantom",
+    phantom_steps=3,
+    phantom_tau=0.7,
+    jac_weight=0.25,
+    jac_freq=0.5,
+    jac_samples=2,
+    solver_options={"m": 4, "beta": 0.9},
+    backward_solver_options={"memory": 5},
+)
+
+
+def mdeq(**kwargs):
+    return MDEQClassifier(
+        3, widths=(8, 16), expansion=1, num_groups=4, seed=0, **kwargs
+    )
+
+
+def lm(**kwargs):
+    return DEQTransformerLM(
+        20, hidden_dim=16, num_heads=2, intermediate_dim=24, seed=0, **kwargs
+    )
+
+
+CASES = {
+    "mdeq": (mdeq, np.random.default_rng(0).normal(size=(2, 32, 32, 3))),
+    "lm": (lm, np.random.default_rng(0).integers(0, 20, (2, 7))),
+}
+
+
+def deq_settings(model):
+    config = model.get_layer("deq").get_config()
+    return {name: config[name] for name in NON_DEFAULT}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float64_model_with_non_default_deq_settings_round_trips(
+    name, tmp_path
+):
+    build, inputs = CASES[name]
+    model = build(dtype="float64", trainable=False, **NON_DEFAULT)
+    deq = model.get_layer("deq")
+    settings = deq_settings(model)
+    assert settings == NON_DEFAULT  # 0.25 and 0.5 are exact in float32
+    # A callback's change to γ is what the config saves.
+    deq.jac_weight.assign(0.125)
+    out = model.predict(inputs, verbose=0)
+    assert deq.block.compute_dtype == "float64"
+    assert all(w.dtype == "float64" for w in deq.block.weights)
+
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.dtype_policy.name == "float64"
+    assert loaded.get_layer("deq").block.compute_dtype == "float64"
+    assert not loaded.trainable
+    assert deq_settings(loaded) == {**settings, "jac_weight": 0.125}
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_allclose(
+        loaded.predict(inputs, verbose=0), out, rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_defaults_are_stated_once_and_reach_the_layer(name):
+    build, _ = CASES[name]
+    model = build()
+    config = model.get_layer("deq").get_config()
+    defaults = type(model).DEQ_DEFAULTS
+    for key, value in defaults.items():
+        if value is not None:
+            assert config[key] == pytest.approx(value), key
+    assert model.get_config()["max_iter"] == defaults["max_iter"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_unknown_keyword_arguments_raise(name):
+    build, _ = CASES[name]
+    with pytest.raises((TypeError, ValueError), match=r"max_iters"):
+        build(max_iters=5)
