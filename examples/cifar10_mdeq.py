@@ -61,13 +61,14 @@ MISSING_DATA = (
 
 def define_flags():
     common.define_training_flags(epochs=200, batch_size=96, learning_rate=1e-3)
-    flags.DEFINE_list("widths", ["28", "56", "112", "224"], "MDEQ widths.")
-    flags.DEFINE_integer("expansion", 5, "Residual block width factor.")
-    flags.DEFINE_float("dropout", 0.25, "Variational dropout rate.")
-    flags.DEFINE_integer("max_iter", 7, "Forward NFE threshold.")
-    flags.DEFINE_integer("backward_max_iter", 8, "Backward NFE threshold.")
-    flags.DEFINE_float("jac_weight", 0.5, "Jacobian penalty strength γ.")
-    flags.DEFINE_float("jac_freq", 0.05, "Jacobian penalty frequency p.")
+    # Model settings; unset, each keeps MDEQClassifier's default (Table 4).
+    flags.DEFINE_list("widths", None, "MDEQ widths, e.g. 28,56,112,224.")
+    flags.DEFINE_integer("expansion", None, "Residual block width factor.")
+    flags.DEFINE_float("dropout", None, "Variational dropout rate.")
+    flags.DEFINE_integer("max_iter", None, "Forward NFE threshold.")
+    flags.DEFINE_integer("backward_max_iter", None, "Backward NFE threshold.")
+    flags.DEFINE_float("jac_weight", None, "Jacobian penalty strength γ.")
+    flags.DEFINE_float("jac_freq", None, "Jacobian penalty frequency p.")
     flags.DEFINE_integer(
         "pretrain_steps", 0, "Unrolled-gradient warm-up steps (MDEQ-style)."
     )
@@ -110,27 +111,19 @@ def make_dataset(data_dir, split, batch_size, training, seed=0):
     return common.distribute_options(ds)
 
 
-def build_model(
-    widths=(28, 56, 112, 224),
-    expansion=5,
-    dropout=0.25,
-    max_iter=7,
-    backward_max_iter=8,
-    jac_weight=0.5,
-    jac_freq=0.05,
-    seed=0,
-):
-    return keras_deq.models.MDEQClassifier(
-        10,
-        widths=widths,
-        expansion=expansion,
-        dropout=dropout,
-        max_iter=max_iter,
-        backward_max_iter=backward_max_iter,
-        jac_weight=jac_weight,
-        jac_freq=jac_freq,
-        seed=seed,
-    )
+MODEL_FLAGS = (
+    "expansion",
+    "dropout",
+    "max_iter",
+    "backward_max_iter",
+    "jac_weight",
+    "jac_freq",
+)
+
+
+def build_model(seed=0, **model_kwargs):
+    """`MDEQClassifier(10)` with its defaults but for `model_kwargs`."""
+    return keras_deq.models.MDEQClassifier(10, seed=seed, **model_kwargs)
 
 
 def run(
@@ -191,12 +184,15 @@ def run(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        widths = tuple(int(w) for w in FLAGS.widths)
-    except ValueError:
-        raise app.UsageError(
-            f"--widths must be integers, e.g. 28,56,112,224. Got {FLAGS.widths}"
-        ) from None
+    model_kwargs = common.model_arguments(MODEL_FLAGS)
+    if FLAGS.widths is not None:
+        try:
+            model_kwargs["widths"] = tuple(int(w) for w in FLAGS.widths)
+        except ValueError:
+            raise app.UsageError(
+                "--widths must be integers, e.g. 28,56,112,224. "
+                f"Got {FLAGS.widths}"
+            ) from None
     result = run(
         FLAGS.data_dir,
         model_dir=FLAGS.model_dir,
@@ -212,13 +208,7 @@ def main(argv):
         pretrain_iters=FLAGS.pretrain_iters,
         seed=FLAGS.seed,
         verbose=FLAGS.verbose,
-        widths=widths,
-        expansion=FLAGS.expansion,
-        dropout=FLAGS.dropout,
-        max_iter=FLAGS.max_iter,
-        backward_max_iter=FLAGS.backward_max_iter,
-        jac_weight=FLAGS.jac_weight,
-        jac_freq=FLAGS.jac_freq,
+        **model_kwargs,
     )
     logs = {k: v[-1] for k, v in result["history"].items()}
     print(

@@ -57,6 +57,19 @@ def define_training_flags(epochs, batch_size, learning_rate):
     flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0, 1, 2).")
 
 
+def model_arguments(names):
+    """The model flags among `names` that were given on the command line.
+
+    Model flags default to `None`, so an unset one leaves the model's own
+    default in force: the examples state no model default again.
+    """
+    return {
+        name: FLAGS[name].value
+        for name in names
+        if FLAGS[name].value is not None
+    }
+
+
 def make_strategy(strategy, cpu_devices=None):
     """A strategy from its name (or the strategy itself, passed through)."""
     if isinstance(strategy, tf.distribute.Strategy):

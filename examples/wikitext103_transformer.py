@@ -79,22 +79,25 @@ def define_flags():
     flags.DEFINE_integer(
         "max_vocab", 0, "Vocabulary size incl. <unk> (0: every word)."
     )
-    flags.DEFINE_integer("hidden_dim", 700, "Model width.")
-    flags.DEFINE_integer("num_heads", 10, "Attention heads.")
-    flags.DEFINE_integer("intermediate_dim", 48000, "Feed-forward width.")
-    flags.DEFINE_enum("norm", "post", ["post", "pre"], "LayerNorm placement.")
-    flags.DEFINE_float("dropout", 0.06, "Variational dropout rate.")
+    # Model settings; unset, each keeps DEQTransformerLM's default.
+    flags.DEFINE_integer("hidden_dim", None, "Model width.")
+    flags.DEFINE_integer("num_heads", None, "Attention heads.")
+    flags.DEFINE_integer("intermediate_dim", None, "Feed-forward width.")
+    flags.DEFINE_enum("norm", None, ["post", "pre"], "LayerNorm placement.")
+    flags.DEFINE_float("dropout", None, "Variational dropout rate.")
     flags.DEFINE_float(
         "init_stddev",
         None,
         "Std of the initial weights; unset: 1/sqrt(fan_in) per projection "
         "(0.01 is the paper's).",
     )
-    flags.DEFINE_integer("max_iter", 12, "Forward NFE threshold.")
-    flags.DEFINE_integer("backward_max_iter", 12, "Backward NFE threshold.")
+    flags.DEFINE_integer("max_iter", None, "Forward NFE threshold.")
+    flags.DEFINE_integer("backward_max_iter", None, "Backward NFE threshold.")
+    flags.DEFINE_float("jac_freq", None, "Jacobian penalty frequency p.")
+    # The γ schedule, Table 4's: the example's own setting, not the model's
+    # width-aware default.
     flags.DEFINE_float("jac_weight", 1.6, "Jacobian penalty γ at the start.")
     flags.DEFINE_float("jac_weight_end", 2.5, "γ at the last epoch.")
-    flags.DEFINE_float("jac_freq", 0.35, "Jacobian penalty frequency p.")
     flags.DEFINE_integer(
         "pretrain_steps", 0, "Unrolled-gradient warm-up steps."
     )
@@ -185,33 +188,23 @@ def load_data(data_dir, max_vocab=0):
     return lookup, ids
 
 
-def build_model(
-    vocab_size,
-    hidden_dim=700,
-    num_heads=10,
-    intermediate_dim=48000,
-    norm="post",
-    dropout=0.06,
-    init_stddev=None,
-    max_iter=12,
-    backward_max_iter=12,
-    jac_weight=1.6,
-    jac_freq=0.35,
-    seed=0,
-):
+MODEL_FLAGS = (
+    "hidden_dim",
+    "num_heads",
+    "intermediate_dim",
+    "norm",
+    "dropout",
+    "init_stddev",
+    "max_iter",
+    "backward_max_iter",
+    "jac_freq",
+)
+
+
+def build_model(vocab_size, seed=0, **model_kwargs):
+    """`DEQTransformerLM` with its defaults but for `model_kwargs`."""
     return keras_deq.models.DEQTransformerLM(
-        vocab_size,
-        hidden_dim=hidden_dim,
-        num_heads=num_heads,
-        intermediate_dim=intermediate_dim,
-        norm=norm,
-        dropout=dropout,
-        init_stddev=init_stddev,
-        max_iter=max_iter,
-        backward_max_iter=backward_max_iter,
-        jac_weight=jac_weight,
-        jac_freq=jac_freq,
-        seed=seed,
+        vocab_size, seed=seed, **model_kwargs
     )
 
 
@@ -253,6 +246,7 @@ def run(
     cpu_devices=None,
     seq_len=150,
     max_vocab=0,
+    jac_weight=1.6,
     jac_weight_end=2.5,
     pretrain_steps=0,
     pretrain_iters=4,
@@ -280,15 +274,19 @@ def run(
             f"The training split has fewer than `batch_size`={batch_size} "
             f"sequences of {seq_len} tokens."
         )
-    jac_start = model_kwargs.get("jac_weight", 1.6)
     with strategy.scope():
-        model = build_model(lookup.vocabulary_size(), seed=seed, **model_kwargs)
+        model = build_model(
+            lookup.vocabulary_size(),
+            seed=seed,
+            jac_weight=jac_weight,
+            **model_kwargs,
+        )
         compile_model(model, learning_rate, steps, epochs * steps)
     extra = list(callbacks)
-    if jac_start > 0 or jac_weight_end > 0:
+    if jac_weight > 0 or jac_weight_end > 0:
         extra.append(
             keras_deq.callbacks.JacobianSchedule(
-                jac_start, jac_weight_end, epochs=max(1, epochs - 1)
+                jac_weight, jac_weight_end, epochs=max(1, epochs - 1)
             )
         )
     write_vocabulary(lookup, model_dir)
@@ -343,21 +341,13 @@ def main(argv):
         cpu_devices=FLAGS.cpu_devices,
         seq_len=FLAGS.seq_len,
         max_vocab=FLAGS.max_vocab,
+        jac_weight=FLAGS.jac_weight,
         jac_weight_end=FLAGS.jac_weight_end,
         pretrain_steps=FLAGS.pretrain_steps,
         pretrain_iters=FLAGS.pretrain_iters,
         seed=FLAGS.seed,
         verbose=FLAGS.verbose,
-        hidden_dim=FLAGS.hidden_dim,
-        num_heads=FLAGS.num_heads,
-        intermediate_dim=FLAGS.intermediate_dim,
-        norm=FLAGS.norm,
-        dropout=FLAGS.dropout,
-        init_stddev=FLAGS.init_stddev,
-        max_iter=FLAGS.max_iter,
-        backward_max_iter=FLAGS.backward_max_iter,
-        jac_weight=FLAGS.jac_weight,
-        jac_freq=FLAGS.jac_freq,
+        **common.model_arguments(MODEL_FLAGS),
     )
     logs = {k: v[-1] for k, v in result["history"].items()}
     print(
