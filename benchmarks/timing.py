@@ -1,4 +1,4 @@
-"""Timing helpers following shared/BENCHMARKING.md: warm-ups, then medians."""
+"""Timing helpers: warm-ups, then medians (the method in README.md here)."""
 
 import json
 import os

@@ -2,9 +2,8 @@
 
 Broyden and Anderson keep a few `[B, d]` vectors per sample from earlier
 iterations. Written functionally (`tf.tensor_scatter_nd_update`), every step
-copies the whole history: on a `[32, 32·32·64]` state with ten slots that is
-two 84 MB copies per step, more time than the evaluation of f, and the copy
-doubles the history's peak memory.
+copies the whole history (on a `[32, 32·32·64]` float32 state with ten slots,
+two 84 MB copies per step), and the copy doubles the history's peak memory.
 
 A history here is one `[n, B, slots, d]` tensor holding `n` histories of
 `slots` vectors per sample, batch-major, so products with one of them are
