@@ -59,9 +59,9 @@ class DEQLayer(keras.layers.Layer):
     γ · mean over the batch of the Hutchinson estimate of ‖J_f(z*)‖_F² / d
     (`keras_deq.jacobian.frobenius_estimate`, `jac_samples` probes) with
     `add_loss`; otherwise the estimator is not run at all. The penalty is
-    the layer's `jacobian_penalty` (a `keras_deq.regularizers.
-    JacobianPenalty`), whose non-trainable variables γ and p are also
-    `layer.jac_weight` and `layer.jac_freq`, so callbacks
+    the layer's `jacobian_penalty`, a
+    `keras_deq.regularizers.JacobianPenalty` whose non-trainable variables
+    γ and p are also `layer.jac_weight` and `layer.jac_freq`, so callbacks
     (`keras_deq.callbacks.JacobianSchedule`, `AdaptiveJacobian`) can change
     them during `fit` without retracing the step, and `get_config` saves
     their current values.
@@ -121,7 +121,8 @@ class DEQLayer(keras.layers.Layer):
             only -- exactly, at any tolerance (with one problem per
             sequence, Broyden's and Anderson's updates mix positions and
             later tokens move earlier outputs by up to the tolerance).
-            Forward statistics are then means over positions; the
+            Forward statistics are then means over positions (over
+            samples with `gradient="unrolled"`, which runs no solver); the
             implicit backward (whose linear system couples the positions)
             is solved per sample.
         solver_options: keyword arguments of the forward solver, e.g.
