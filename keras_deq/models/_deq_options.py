@@ -63,11 +63,23 @@ def dtype_policy(dtype):
     return None if dtype is None else keras.dtype_policies.get(dtype)
 
 
-def base_config(model: keras.Model) -> dict:
-    """What keras-hub's backbones save of the base model: name, trainable,
-    dtype policy."""
-    return {
-        "name": model.name,
-        "trainable": model.trainable,
-        "dtype": keras.dtype_policies.serialize(model.dtype_policy),
-    }
+class ConfigMixin:
+    """`get_config` / `from_config` of a model over one `DEQLayer` "deq".
+
+    As keras-hub's backbones: the base config (name, trainable, dtype
+    policy), the model's own arguments (`self._config`), and the layer's
+    DEQ settings as they are now.
+    """
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            **self._config,
+            **current(self.get_layer("deq")),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)

@@ -323,7 +323,7 @@ def _check_heads(hidden_dim, num_heads):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQTransformerLM(keras.Model):
+class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
     """A word-level DEQ-Transformer language model.
 
     Token ids `[B, T]` → logits `[B, T, vocab_size]` for the next token.
@@ -507,17 +507,6 @@ class DEQTransformerLM(keras.Model):
         self._next_logits = None
         self._decode = None
         self._decode_compiled = None
-
-    def get_config(self):
-        return {
-            **_deq_options.base_config(self),
-            **self._config,
-            **_deq_options.current(self.get_layer("deq")),
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return cls(**config)
 
     def next_token_logits(self, token_ids):
         """Logits `[B, vocab_size]` for the token after `token_ids` `[B, T]`.

@@ -284,7 +284,7 @@ class MDEQBlock(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class MDEQClassifier(keras.Model):
+class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
     """A multiscale DEQ image classifier (Bai et al. 2020; 2021).
 
     A stem (3×3 conv, GroupNorm, ReLU) makes the finest injection x₀; each
@@ -424,14 +424,3 @@ class MDEQClassifier(keras.Model):
             "init_stddev": init_stddev,
             "seed": seed,
         }
-
-    def get_config(self):
-        return {
-            **_deq_options.base_config(self),
-            **self._config,
-            **_deq_options.current(self.get_layer("deq")),
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return cls(**config)
