@@ -73,7 +73,17 @@ def iterate(
         propose: `(z, f(z), state, active) -> (z_next, state)`. `active` is
             the `[B]` mask of samples still iterating; the driver freezes the
             others whatever is proposed for them, so `propose` only has to
-            keep its own state finite for them.
+            keep its own state finite for them. A frozen sample may be
+            active again later (see below), so its state must stay usable.
+
+    f is evaluated on the whole batch at every step, frozen samples
+    included, so their residuals are re-read. For independent samples those
+    do not change. Where f couples rows (the positions of a causal sequence
+    solved as rows, `DEQLayer(sample_axes=2)`), a stopped row's residual
+    rises when the rows it reads move after it stopped; it then iterates
+    again, so that the returned rows are within `tol` of their fixed point
+    in the final context, not in a context that was left. A sample whose
+    residual went non-finite stops for good.
 
     Returns:
         A `SolverResult`.
@@ -98,14 +108,15 @@ def iterate(
         tf.where(finite0, rel0, inf),
         tf.where(finite0, crit0, inf),
     )
+    failed = ~finite0
     active = finite0 & (crit0 >= tol)
     nstep = tf.ones_like(crit0, dtype=tf.int32)
     state = init(z0, fz0)
 
-    def cond(k, z, fz, state, best, active, nstep):
+    def cond(k, z, fz, state, best, active, failed, nstep):
         return (k < max_iter) & tf.reduce_any(active)
 
-    def body(k, z, fz, state, best, active, nstep):
+    def body(k, z, fz, state, best, active, failed, nstep):
         z_prop, state = propose(z, fz, state, active)
         # f may lose static dimensions that z0 has (a reshape by a
         # computed shape, say); the loop needs them fixed.
@@ -115,23 +126,26 @@ def iterate(
         crit = criterion(abs_res, rel_res)
         finite = tf.math.is_finite(crit)
         best_z, best_abs, best_rel, best_crit = best
-        better = active & finite & (crit < best_crit)
+        # A stopped sample sits on its best iterate; its residual is
+        # re-read, since rows that f couples may have moved its context.
+        take = finite & (~active | (crit < best_crit))
         best = (
-            tf.where(better[:, None], z_new, best_z),
-            tf.where(better, abs_res, best_abs),
-            tf.where(better, rel_res, best_rel),
-            tf.where(better, crit, best_crit),
+            tf.where(take[:, None], z_new, best_z),
+            tf.where(take, abs_res, best_abs),
+            tf.where(take, rel_res, best_rel),
+            tf.where(take, crit, best_crit),
         )
         nstep += tf.cast(active, tf.int32)
         # A sample whose residual went non-finite stops here and is put back
         # on its best iterate, so f never sees the bad values again.
         z_new = tf.where(finite[:, None], z_new, best[0])
         fz_new = tf.where(finite[:, None], fz_new, best[0])
-        active = active & finite & (crit >= tol)
-        return k + 1, z_new, fz_new, state, best, active, nstep
+        failed |= ~finite
+        active = ~failed & (crit >= tol)
+        return k + 1, z_new, fz_new, state, best, active, failed, nstep
 
-    loop_vars = (tf.constant(1), z0, fz0, state, best, active, nstep)
-    _, _, _, _, best, _, nstep = tf.while_loop(
+    loop_vars = (tf.constant(1), z0, fz0, state, best, active, failed, nstep)
+    _, _, _, _, best, _, _, nstep = tf.while_loop(
         cond, body, loop_vars, maximum_iterations=max_iter - 1
     )
     return SolverResult(

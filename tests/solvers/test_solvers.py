@@ -282,3 +282,26 @@ def test_broyden_follows_dense_reference(memory, mode):
     if memory == 1:
         full = solvers.broyden(lambda z: z @ a.T + b, z0, iters, 1e-30, "abs")
         assert np.abs(full.z.numpy() - result.z.numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_stopped_row_resumes_when_the_rows_it_reads_move(name):
+    """Row 1 copies a tenth of row 0, so it meets an absolute tolerance
+    long before row 0 (which still moves by ~10 × tol after row 1 would
+    have stopped for good). Every returned row must be within tol of its
+    fixed point in the final context: the closed form is z = (1, 0.1)."""
+    tol = 1e-6
+
+    def f(z):
+        return tf.stack([0.9 * z[:, 0] + 0.1, 0.1 * z[:, 0]], axis=1)[..., 0]
+
+    # Rows are the "samples" of the loop: [2, 1].
+    def rows(z):
+        return tf.reshape(f(tf.reshape(z, [1, 2, 1])), [2, 1])
+
+    result = solvers.get(name)(rows, tf.zeros([2, 1]), 300, tol, "abs")
+    z = result.z.numpy()[:, 0]
+    residual = np.abs(rows(result.z).numpy()[:, 0] - z)
+    assert np.all(residual < tol), (residual, result.nstep.numpy())
+    np.testing.assert_allclose(result.abs_residual.numpy(), residual, atol=1e-9)
+    np.testing.assert_allclose(z[1], 0.1 * z[0], atol=tol)
