@@ -26,7 +26,7 @@ weights a previous run left in `--weights`. Then:
   beforehand), and the time of each token against its position (one
   timed pass of the same per-token calls `generate` makes).
 
-`--max_iter` raises the forward iterations of both paths (after
+`--max_iter` and `--solver` change the forward solve of both paths (after
 training): where a solve stops at the cap above the tolerance, the two
 paths are two different unconverged iterates.
 
@@ -71,6 +71,12 @@ _MAX_ITER = flags.DEFINE_integer(
     "Forward iterations when generating (both paths); default: the model's.",
     lower_bound=1,
 )
+_SOLVER = flags.DEFINE_enum(
+    "solver",
+    None,
+    ["broyden", "anderson", "fixed_point"],
+    "Forward solver when generating (both paths); default: the model's.",
+)
 _PROMPTS = flags.DEFINE_integer("prompts", 20, "Prompts of the agreement.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Their length.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Tokens per prompt.")
@@ -112,6 +118,8 @@ def trained_model():
         model.save_weights(_WEIGHTS.value)
     if _MAX_ITER.value is not None:
         model.get_layer("deq").max_iter = _MAX_ITER.value
+    if _SOLVER.value is not None:
+        model.get_layer("deq").solver = _SOLVER.value
     loss = model.evaluate(*test, batch_size=32, verbose=0, return_dict=True)
     return model, test[0], {"held_out_perplexity": float(np.exp(loss["loss"]))}
 
