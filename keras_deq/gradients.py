@@ -28,6 +28,7 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 
 from keras_deq import jacobian
+from keras_deq.solvers import LowRankInverse
 from keras_deq.solvers import SolverResult
 from keras_deq.solvers import _loop
 
@@ -54,6 +55,10 @@ class Problem(NamedTuple):
         phantom_tau: the layer's `phantom_tau`.
         on_backward: called with the `SolverResult` of a backward solve to
             record the backward statistics, or `None` (not recorded).
+        to_rows: maps a `[B, d]` per-sample vector to the rows the forward
+            solved (identity unless `sample_axes` > 1), as `solve()`'s
+            `inverse` expects them.
+        from_rows: the inverse map of `to_rows`.
     """
 
     f: Callable[[tf.Tensor], tf.Tensor]
@@ -66,6 +71,8 @@ class Problem(NamedTuple):
     phantom_steps: int
     phantom_tau: float
     on_backward: Callable[[SolverResult], None] | None
+    to_rows: Callable[[tf.Tensor], tf.Tensor] = tf.identity
+    from_rows: Callable[[tf.Tensor], tf.Tensor] = tf.identity
 
 
 Kind = Callable[[Problem], tuple[tf.Tensor, SolverResult]]
@@ -80,6 +87,33 @@ def _implicit_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
         problem.backward_max_iter,
         problem.backward_tol,
         problem.on_backward,
+    )
+    return z, forward
+
+
+def _reuse_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+    forward = problem.solve()
+    if not isinstance(forward.inverse, LowRankInverse):
+        raise ValueError(
+            'DEQLayer(gradient="reuse") starts its backward from the forward '
+            "solver's inverse-Jacobian estimate, which only "
+            'solver="broyden" keeps. Use solver="broyden", or another '
+            "gradient. Received: a forward result with "
+            f"inverse={forward.inverse!r}"
+        )
+    inverse = forward.inverse
+
+    def estimate(g):
+        return problem.from_rows(inverse.transpose_matvec(problem.to_rows(g)))
+
+    z = implicit(
+        problem.f,
+        forward.z,
+        problem.backward_solver,
+        problem.backward_max_iter,
+        problem.backward_tol,
+        problem.on_backward,
+        initial=estimate,
     )
     return z, forward
 
@@ -108,6 +142,7 @@ class _Entry(NamedTuple):
 _REGISTRY: dict[str, _Entry] = {
     "implicit": _Entry(_implicit_kind, True),
     "phantom": _Entry(_phantom_kind, False),
+    "reuse": _Entry(_reuse_kind, True),
     "unrolled": _Entry(_unrolled_kind, False),
 }
 
@@ -116,8 +151,8 @@ def get(name: str) -> Kind:
     """Returns the gradient kind registered under `name`.
 
     Args:
-        name: `"implicit"`, `"phantom"`, `"unrolled"` or a name given to
-            `register`.
+        name: `"implicit"`, `"reuse"`, `"phantom"`, `"unrolled"` or a name
+            given to `register`.
 
     Returns:
         The kind, a function `Problem -> (z, forward SolverResult)`.
@@ -195,6 +230,7 @@ def implicit(
     max_iter: int,
     tol: float,
     on_backward: Callable[[SolverResult], None] | None = None,
+    initial: Callable[[tf.Tensor], tf.Tensor] | None = None,
 ) -> tf.Tensor:
     """Returns f(z*) whose gradient follows the implicit function theorem.
 
@@ -216,16 +252,24 @@ def implicit(
         f: maps `[B, d]` to `[B, d]`.
         z_star: `[B, d]` fixed point, with no gradient of its own.
         solver: the backward solver, e.g. `keras_deq.solvers.broyden`.
-        max_iter: most vector-Jacobian products in the backward solve.
+        max_iter: most vector-Jacobian products in the backward solve, or 0.
         tol: residual relative to ‖g‖ at which a sample's backward solve
             stops.
         on_backward: called with the backward `SolverResult` (for metrics).
+        initial: maps the (unit-norm) incoming gradient to the backward
+            solve's first iterate: an estimate of (I − J_f)⁻ᵀ g such as the
+            forward's `LowRankInverse.transpose_matvec`. Defaults to `None`
+            (g itself). With `max_iter=0` the estimate is the answer: no
+            vector-Jacobian product is taken and nothing is reported.
 
     Returns:
         f(z*), `[B, d]`.
 
-    Reference:
+    References:
         Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019, §3.1.
+        Ramzi et al., "SHINE: SHaring the INverse Estimate from the forward
+        pass for bi-level optimization and implicit models", ICLR 2022
+        (the `initial` estimate).
     """
     z_out, vjp = jacobian.linearize(f, z_star)
 
@@ -238,12 +282,17 @@ def implicit(
             # Unrecorded even under an outer tape (a persistent one, or one
             # asking for a gradient of this gradient): see `_first_order`.
             with record.stop_recording():
-                result = solver(
-                    lambda u: vjp(u) + g_unit, g_unit, max_iter, tol, "abs"
-                )
-            if on_backward is not None:
+                u0 = g_unit if initial is None else initial(g_unit)
+                if max_iter == 0:
+                    u = u0
+                else:
+                    result = solver(
+                        lambda u: vjp(u) + g_unit, u0, max_iter, tol, "abs"
+                    )
+                    u = result.z
+            if max_iter and on_backward is not None:
                 on_backward(result._replace(rel_residual=result.abs_residual))
-            return _first_order(tf.cast(result.z * scale, z.dtype), z)
+            return _first_order(tf.cast(u * scale, z.dtype), z)
 
         return tf.identity(z), grad
 

@@ -91,11 +91,18 @@ class DEQLayer(keras.layers.Layer):
             Defaults to `"rel"`.
         backward_solver: solver of the implicit backward's linear fixed
             point. Defaults to `None` (the forward `solver`).
-        backward_max_iter: most vector-Jacobian products in the backward.
-            Defaults to `None` (`max_iter`).
+        backward_max_iter: most vector-Jacobian products in the backward,
+            `0` or more. Defaults to `None` (`max_iter`). `0` takes no
+            backward iterations: the backward's solution is its first
+            iterate (∂ℓ/∂z* itself with `"implicit"`, Jacobian-free
+            backpropagation; the forward's estimate with `"reuse"`).
         backward_tol: backward tolerance on the residual relative to
             ‖∂ℓ/∂z*‖, per sample. Defaults to `1e-4`.
-        gradient: `"implicit"` (implicit function theorem), `"phantom"`
+        gradient: `"implicit"` (implicit function theorem), `"reuse"` (the
+            implicit backward started from the forward Broyden solve's
+            estimate of (I − J)⁻ᵀ, SHINE, and refined by at most
+            `backward_max_iter` iterations; needs `solver="broyden"`, and
+            keeps the forward's history until the backward), `"phantom"`
             (`phantom_steps` damped steps from z*, no linear solve) or
             `"unrolled"` (`max_iter` plain iterations from the initial state,
             backpropagated through; for pretraining and checks), or a kind
@@ -215,7 +222,7 @@ class DEQLayer(keras.layers.Layer):
         validation.check_positive("tol", tol)
         validation.check_choice("stop_mode", stop_mode, _loop.STOP_MODES)
         if backward_max_iter is not None:
-            validation.check_int("backward_max_iter", backward_max_iter, 1)
+            validation.check_int("backward_max_iter", backward_max_iter, 0)
         validation.check_positive("backward_tol", backward_tol)
         gradients.check("gradient", gradient)
         validation.check_int("phantom_steps", phantom_steps, 1)
@@ -516,7 +523,9 @@ class DEQLayer(keras.layers.Layer):
                 self.stop_mode,
                 **self.solver_options,
             )
-        return tf.nest.map_structure(tf.stop_gradient, result)
+        return tf.nest.map_structure(
+            lambda t: None if t is None else tf.stop_gradient(t), result
+        )
 
     def override_training(
         self, *, gradient: str | None = None, max_iter: int | None = None
@@ -578,7 +587,11 @@ class DEQLayer(keras.layers.Layer):
                 solvers.get(self.backward_solver or self.solver),
                 **self._backward_options,
             ),
-            backward_max_iter=self.backward_max_iter or max_iter,
+            backward_max_iter=(
+                max_iter
+                if self.backward_max_iter is None
+                else self.backward_max_iter
+            ),
             backward_tol=self.backward_tol,
             phantom_steps=self.phantom_steps,
             phantom_tau=self.phantom_tau,
@@ -590,6 +603,7 @@ class DEQLayer(keras.layers.Layer):
                 if training and hasattr(self, "backward_nfe")
                 else None
             ),
+            **self._row_maps(z0),
         )
         z, forward = gradients.get(gradient)(problem)
         # Losses the block added at the evaluation that gives the output (at
@@ -607,6 +621,21 @@ class DEQLayer(keras.layers.Layer):
             tf.cast(forward.rel_residual, tf.float32)
         )
         return flattener.unflatten(z)
+
+    def _row_maps(self, z0):
+        """`Problem.to_rows` and `from_rows`: per-sample vectors ↔ rows."""
+        if self.sample_axes == 1:
+            return {}
+        # The state's own dtype in between: the per-sample vectors it maps
+        # are the backward's, in the solver dtype, so only a float16 state
+        # would round them (a first iterate there, which the backward
+        # iterations refine).
+        samples = StateFlattener(z0, self._solver_dtype, 1)
+        rows = StateFlattener(z0, self._solver_dtype, self.sample_axes)
+        return {
+            "to_rows": lambda v: rows.flatten(samples.unflatten(v)),
+            "from_rows": lambda v: samples.flatten(rows.unflatten(v)),
+        }
 
     def _take_block_losses(self):
         """The losses the block's layers added in their last call."""
@@ -636,6 +665,10 @@ class DEQLayer(keras.layers.Layer):
                 return layer()._forward_solve(x, z0, training, noise, max_iter)
 
             functions[settings] = tf.function(solve, reduce_retracing=True)
+        # A variable given as the input would be captured by reference in
+        # the trace, which then fails once that variable is deleted; the
+        # solve needs its value only.
+        x = tf.nest.map_structure(tf.convert_to_tensor, x)
         return functions[settings](x, z0, training, noise)
 
     def spectral_radius(self, x, num_iters: int = 50) -> tf.Tensor:

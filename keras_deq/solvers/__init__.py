@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from keras_deq.solvers._loop import SolverResult
 from keras_deq.solvers.anderson import anderson
+from keras_deq.solvers.broyden import LowRankInverse
 from keras_deq.solvers.broyden import broyden
 from keras_deq.solvers.fixed_point import fixed_point
 
@@ -107,6 +108,7 @@ def names() -> list[str]:
 
 
 __all__ = [
+    "LowRankInverse",
     "SolverResult",
     "anderson",
     "broyden",

@@ -29,12 +29,17 @@ class SolverResult(NamedTuple):
             one at `z0`) until it converged, or `max_iter`.
         abs_residual: `[B]`, ‖f(z) − z‖ of the returned `z`.
         rel_residual: `[B]`, ‖f(z) − z‖ / ‖f(z)‖ of the returned `z`.
+        inverse: what the solver learned of the Jacobian on its way, or
+            `None`: Broyden's estimate of (I − J_f)⁻¹ at its last iterate, a
+            `keras_deq.solvers.LowRankInverse`. A backward pass can start
+            from it (`DEQLayer(gradient="reuse")`).
     """
 
     z: tf.Tensor
     nstep: tf.Tensor
     abs_residual: tf.Tensor
     rel_residual: tf.Tensor
+    inverse: Any = None
 
 
 def check_solver_args(max_iter: int, tol: float, stop_mode: str) -> None:
@@ -59,6 +64,7 @@ def iterate(
     stop_mode: str,
     init: Callable[[tf.Tensor, tf.Tensor], Any],
     propose: Callable[[tf.Tensor, tf.Tensor, Any, tf.Tensor], tuple],
+    finish: Callable[[Any], Any] | None = None,
 ) -> SolverResult:
     """Runs a solver in a `tf.while_loop` with per-sample stopping.
 
@@ -75,6 +81,8 @@ def iterate(
             others whatever is proposed for them, so `propose` only has to
             keep its own state finite for them. A frozen sample may be
             active again later (see below), so its state must stay usable.
+        finish: `state -> inverse`, the result's `inverse` from the final
+            state. Defaults to `None` (no `inverse`).
 
     f is evaluated on the whole batch at every step, frozen samples
     included, so their residuals are re-read. For independent samples those
@@ -145,9 +153,13 @@ def iterate(
         return k + 1, z_new, fz_new, state, best, active, failed, nstep
 
     loop_vars = (tf.constant(1), z0, fz0, state, best, active, failed, nstep)
-    _, _, _, _, best, _, _, nstep = tf.while_loop(
+    _, _, _, state, best, _, _, nstep = tf.while_loop(
         cond, body, loop_vars, maximum_iterations=max_iter - 1
     )
     return SolverResult(
-        z=best[0], nstep=nstep, abs_residual=best[1], rel_residual=best[2]
+        z=best[0],
+        nstep=nstep,
+        abs_residual=best[1],
+        rel_residual=best[2],
+        inverse=None if finish is None else finish(state),
     )

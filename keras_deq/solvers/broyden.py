@@ -1,6 +1,7 @@
 """Broyden's ("good") quasi-Newton method on g(z) = f(z) − z."""
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -8,6 +9,33 @@ import tensorflow as tf
 from keras_deq.solvers import _history
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
+
+
+class LowRankInverse(NamedTuple):
+    """Broyden's estimate of (I − J_f)⁻¹, per sample: I − Σ_i u_i v_iᵀ.
+
+    Broyden's B ≈ J_g⁻¹ for g(z) = f(z) − z is −I + Σ u_i v_iᵀ, and
+    (I − J_f)⁻¹ = −J_g⁻¹. The estimate is exact on the directions the
+    solve explored (each step's secant condition) and the identity
+    elsewhere.
+
+    Attributes:
+        us: `[B, slots, d]`, the u_i (zero in unused slots).
+        vts: `[B, slots, d]`, the v_i.
+    """
+
+    us: tf.Tensor
+    vts: tf.Tensor
+
+    def matvec(self, v: tf.Tensor) -> tf.Tensor:
+        """(I − J_f)⁻¹ v for `[B, d]` v."""
+        coefficients = tf.linalg.matvec(self.vts, v)
+        return v - tf.matmul(coefficients[:, None, :], self.us)[:, 0]
+
+    def transpose_matvec(self, g: tf.Tensor) -> tf.Tensor:
+        """(I − J_f)⁻ᵀ g for `[B, d]` g: the implicit backward's solution."""
+        coefficients = tf.linalg.matvec(self.us, g)
+        return g - tf.matmul(coefficients[:, None, :], self.vts)[:, 0]
 
 
 def broyden(
@@ -49,7 +77,8 @@ def broyden(
 
     Returns:
         A `SolverResult` with per-sample `z`, `nstep`, `abs_residual` and
-        `rel_residual`.
+        `rel_residual`, and as `inverse` the final estimate of (I − J_f)⁻¹,
+        a `LowRankInverse` (the history buffer, with the last step's pair).
 
     Example:
 
@@ -119,4 +148,11 @@ def broyden(
         )
         return z - bg_new, (hist, (u, vt, slot), step + 1, z, g)
 
-    return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose)
+    def finish(state):
+        # The last step's pair is still pending; B includes it (the step
+        # was taken with it), so the estimate does too.
+        hist, (u, vt, slot), *_ = state
+        hist = _history.write(hist, slot, [u, vt], after=[])
+        return LowRankInverse(_history.read(hist, 0), _history.read(hist, 1))
+
+    return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose, finish)

@@ -552,3 +552,18 @@ def test_batch_normalization_in_the_block_is_refused_at_build():
         )
     )
     assert ok(np.ones((2, 4), "float32")).shape == (2, 4)
+
+
+def test_eager_calls_on_short_lived_variables():
+    """The eager solve is traced once; an input variable that is gone by
+    the next call must not be captured by that trace."""
+    layer = keras_deq.DEQLayer(TanhCell(units=4), tol=1e-6)
+    rng = np.random.default_rng(0)
+    for batch in (3, 1, 1, 2):
+        x = rng.normal(size=(batch, 4)).astype(np.float32)
+        variable = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            out = layer(variable, training=True)
+        assert tape.gradient(out, variable).shape == x.shape
+        del variable
+        np.testing.assert_allclose(out, layer(x).numpy(), atol=1e-6)

@@ -225,7 +225,8 @@ def dense_broyden(f, z0, max_iter, memory):
 
     Keeps the latest `memory` rank-one pairs: B = −I + Σ u vᵀ over them. A
     new pair comes from the current B (u = (dz − B dg) / (dzᵀ B dg),
-    vᵀ = dzᵀ B) and then replaces the oldest. Returns every iterate.
+    vᵀ = dzᵀ B) and then replaces the oldest. Returns every iterate and
+    the last B (the one the last step used).
     """
     d = z0.shape[0]
     pairs = []
@@ -248,7 +249,7 @@ def dense_broyden(f, z0, max_iter, memory):
         z = z - inverse() @ g
         g = f(z) - z
         iterates.append(z)
-    return iterates
+    return iterates, inverse()
 
 
 @pytest.mark.parametrize("memory", [None, 3, 1])
@@ -261,13 +262,15 @@ def test_broyden_follows_dense_reference(memory, mode):
     a = rng.normal(size=(d, d))
     a *= 1.2 / np.max(np.abs(np.linalg.eigvals(a)))
     b = rng.normal(size=(2, d))
-    ref = []
+    ref, ref_inverse = [], []
     for row in b:
-        path = dense_broyden(
+        path, inverse = dense_broyden(
             lambda z, row=row: a @ z + row, np.zeros(d), iters, memory or d
         )
         res = [np.linalg.norm(a @ z + row - z) for z in path]
         ref.append(path[int(np.argmin(res))])
+        # Broyden's B estimates (J_f − I)⁻¹; the result holds −B.
+        ref_inverse.append(-inverse)
 
     def solve(z0):
         f = lambda z: tf.matmul(z, a, transpose_b=True) + b  # noqa: E731
@@ -279,6 +282,18 @@ def test_broyden_follows_dense_reference(memory, mode):
     for _ in range(3):  # the in-place history must start empty every call
         result = solve(z0)
         np.testing.assert_allclose(result.z.numpy(), np.stack(ref), rtol=1e-8)
+        # The estimate (I − J)⁻¹ ≈ −B applied to each basis vector, and
+        # its transpose.
+        for i, m in enumerate(ref_inverse):
+            dense = solvers.LowRankInverse(
+                tf.repeat(result.inverse.us[i : i + 1], d, 0),
+                tf.repeat(result.inverse.vts[i : i + 1], d, 0),
+            )
+            eye = tf.eye(d, dtype=tf.float64)
+            columns = dense.matvec(eye).numpy().T
+            np.testing.assert_allclose(columns, m, atol=1e-8)
+            rows = dense.transpose_matvec(eye).numpy()
+            np.testing.assert_allclose(rows, m, atol=1e-8)
     if memory == 1:
         full = solvers.broyden(lambda z: z @ a.T + b, z0, iters, 1e-30, "abs")
         assert np.abs(full.z.numpy() - result.z.numpy()).max() > 1e-3
