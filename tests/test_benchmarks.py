@@ -64,7 +64,8 @@ def test_training_step_script(tmp_path):
     runs = {(r["mode"], r["jacobian"]): r for r in data["results"]}
     assert set(runs) == {
         (mode, jac)
-        for mode in ("implicit", "phantom", "unrolled")
+        for mode in ("implicit", "reuse0", "reuse2", "reuse4", "phantom")
+        + ("unrolled",)
         for jac in (False, True)
     }
     for (mode, jac), r in runs.items():
@@ -80,6 +81,33 @@ def test_training_step_script(tmp_path):
         )
     assert runs["unrolled", False]["ratio_to_unrolled"] == 1.0
     assert "/ unrolled" in stdout and "/ off" in stdout
+
+
+def test_backward_tradeoff_script(tmp_path):
+    """On the MLP cell (a contraction, ‖W‖ = 0.9): 20 implicit backward
+    iterations give the tightly solved gradient; one phantom step does not."""
+    data, stdout = run_module(
+        "backward_tradeoff", tmp_path, "--iters=20", "--cells=mlp"
+    )
+    (cell,) = data["results"]["cells"]
+    rows = {r["config"]: r for r in cell["configs"]}
+    assert set(rows) == {
+        "implicit-anderson",
+        "implicit-broyden",
+        "reuse0",
+        "reuse2",
+        "reuse4",
+        "phantom",
+    }
+    for row in rows.values():
+        assert row["step_over_f"] == (
+            row["step_seconds"]["median"] / cell["f_seconds"]["median"]
+        )
+        assert -1.0 <= row["cosine"] <= 1.0 + 1e-6
+    for name in ("implicit-anderson", "implicit-broyden"):
+        assert rows[name]["relative_error"] < 1e-3, rows[name]
+    assert rows["phantom"]["relative_error"] > 1e-2
+    assert "backward residual" in stdout and "cosine" in stdout
 
 
 def test_mdeq_throughput_script(tmp_path):
