@@ -78,7 +78,11 @@ class Problem(NamedTuple):
 Kind = Callable[[Problem], tuple[tf.Tensor, SolverResult]]
 
 
-def _implicit_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+def _implicit_kind(
+    problem: Problem, initial=None
+) -> tuple[tf.Tensor, SolverResult]:
+    """The implicit backward from z*; `initial` maps the forward's result
+    to the backward's first-iterate function (see `implicit`)."""
     forward = problem.solve()
     z = implicit(
         problem.f,
@@ -87,35 +91,26 @@ def _implicit_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
         problem.backward_max_iter,
         problem.backward_tol,
         problem.on_backward,
+        initial=None if initial is None else initial(forward),
     )
     return z, forward
 
 
 def _reuse_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
-    forward = problem.solve()
-    if not isinstance(forward.inverse, LowRankInverse):
-        raise ValueError(
-            'DEQLayer(gradient="reuse") starts its backward from the forward '
-            "solver's inverse-Jacobian estimate, which only "
-            'solver="broyden" keeps. Use solver="broyden", or another '
-            "gradient. Received: a forward result with "
-            f"inverse={forward.inverse!r}"
+    def estimate(forward):
+        inverse = forward.inverse
+        if not isinstance(inverse, LowRankInverse):
+            raise ValueError(
+                'DEQLayer(gradient="reuse") starts its backward from the '
+                "forward solver's inverse-Jacobian estimate, which only "
+                'solver="broyden" keeps. Use solver="broyden", or another '
+                f"gradient. Received: a forward result with inverse={inverse!r}"
+            )
+        return lambda g: problem.from_rows(
+            inverse.transpose_matvec(problem.to_rows(g))
         )
-    inverse = forward.inverse
 
-    def estimate(g):
-        return problem.from_rows(inverse.transpose_matvec(problem.to_rows(g)))
-
-    z = implicit(
-        problem.f,
-        forward.z,
-        problem.backward_solver,
-        problem.backward_max_iter,
-        problem.backward_tol,
-        problem.on_backward,
-        initial=estimate,
-    )
-    return z, forward
+    return _implicit_kind(problem, estimate)
 
 
 def _phantom_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
