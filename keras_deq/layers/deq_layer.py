@@ -478,9 +478,7 @@ class DEQLayer(keras.layers.Layer):
             result = self._forward_solve(x, z0, training, noise, max_iter)
         if self.sample_axes == 1:
             return result
-        rows = StateFlattener(z0, self._solver_dtype, self.sample_axes)
-        samples = StateFlattener(z0, self._solver_dtype, 1)
-        return result._replace(z=samples.flatten(rows.unflatten(result.z)))
+        return result._replace(z=self._row_maps(z0)["from_rows"](result.z))
 
     def solve(self, f, z0):
         """z* = f(z*) from `z0` with this layer's forward solver settings.
