@@ -64,8 +64,17 @@ def gradient_function(layer, x, weights=None, jit=False):
 
 
 def step_function(
-    cell, x, mode, solver, iters, jit, jacobian=False, solver_options=None
+    cell,
+    x,
+    mode,
+    solver,
+    iters,
+    jit,
+    jacobian=False,
+    solver_options=None,
+    weights=None,
 ):
+    """A compiled SGD step on `loss_of(layer, x, weights)`."""
     layer = make_layer(cell, x, mode, solver, iters, jacobian, solver_options)
     optimizer = keras.optimizers.SGD(1e-6)
     optimizer.build(layer.trainable_variables)
@@ -73,7 +82,7 @@ def step_function(
     @tf.function(jit_compile=jit)
     def step():
         with tf.GradientTape() as tape:
-            loss = loss_of(layer, x)
+            loss = loss_of(layer, x, weights)
         grads = tape.gradient(loss, layer.trainable_variables)
         optimizer.apply(grads, layer.trainable_variables)
         return loss

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end and write complete JSON."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -108,6 +109,61 @@ def test_backward_tradeoff_script(tmp_path):
         assert rows[name]["relative_error"] < 1e-3, rows[name]
     assert rows["phantom"]["relative_error"] > 1e-2
     assert "backward residual" in stdout and "cosine" in stdout
+
+
+TORCH_PYTHON = os.environ.get("KERAS_DEQ_TORCH_PYTHON")
+
+
+@pytest.mark.parametrize(
+    "python",
+    [
+        "/nonexistent/bin/python",
+        pytest.param(
+            sys.executable,
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torchdeq") is not None,
+                reason="this interpreter has torchdeq",
+            ),
+        ),
+    ],
+)
+def test_compare_torchdeq_skips_without_torchdeq(tmp_path, python):
+    data, stdout = run_module(
+        "compare_torchdeq", tmp_path, f"--torch_python={python}"
+    )
+    assert "Skipped: TorchDEQ is not available" in stdout
+    assert "pip install torch==2.13.0 torchdeq==0.1.0" in stdout
+    assert python in data["results"]["skipped"]
+
+
+@pytest.mark.skipif(
+    not TORCH_PYTHON,
+    reason="KERAS_DEQ_TORCH_PYTHON (an interpreter with torch and torchdeq) "
+    "is not set",
+)
+def test_compare_torchdeq_script(tmp_path):
+    """Both libraries compute the same f, iterate and unrolled gradient,
+    and make exactly `--iters` evaluations in every timed row."""
+    data, stdout = run_module(
+        "compare_torchdeq",
+        tmp_path,
+        "--iters=3",
+        "--cells=mlp,transformer",
+        f"--torch_python={TORCH_PYTHON}",
+    )
+    results = data["results"]
+    assert results["torch"]["torchdeq"] == "0.1.0"
+    for cell in results["cells"]:
+        assert max(cell["check"].values()) < 1e-5, cell["check"]
+        rows = {r["label"]: r for r in cell["rows"]}
+        assert len(rows) == 10
+        reference = rows["step, implicit, Anderson"]["torchdeq"]["median"]
+        for label, row in rows.items():
+            theirs = row.get("torchdeq", {"median": reference})
+            assert row["ratio"] == row["keras_deq"]["median"] / theirs["median"]
+            if "torchdeq" in row and label != "one f":
+                assert row["keras_deq_nfe"] == row["torchdeq_nfe"] == 3, row
+    assert "keras_deq ms" in stdout and "TorchDEQ ms" in stdout
 
 
 def test_mdeq_throughput_script(tmp_path):
