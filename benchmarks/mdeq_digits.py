@@ -43,6 +43,9 @@ _EPOCHS = flags.DEFINE_integer("epochs", 8, "Epochs (22 steps each).")
 _MODEL_KWARGS = flags.DEFINE_string(
     "model_kwargs", "{}", "JSON of further MDEQClassifier arguments."
 )
+_PENALTIES = flags.DEFINE_list(
+    "penalties", ["off", "on"], "Runs without (off) and with (on) the penalty."
+)
 _OUTPUT = flags.DEFINE_string(
     "output", "mdeq_digits.json", "Where to write the JSON results."
 )
@@ -137,7 +140,14 @@ def main(argv):
         raise app.UsageError(
             f"--model_kwargs must be a JSON object. Received: {model_kwargs!r}"
         )
-    penalties = [False] if _MODEL.value == "explicit" else [False, True]
+    unknown = sorted(set(_PENALTIES.value) - {"off", "on"})
+    if unknown:
+        raise app.UsageError(
+            f"--penalties takes off and/or on. Unknown: {unknown}"
+        )
+    penalties = [p == "on" for p in _PENALTIES.value]
+    if _MODEL.value == "explicit":
+        penalties = [False]
     runs = []
     print("seed penalty  accuracy  NFE   residual  seconds (1st epoch)")
     for seed in [int(s) for s in _SEEDS.value]:

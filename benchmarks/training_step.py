@@ -10,12 +10,14 @@ it), and the table gives the ratio on / off.
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 \
       python -m benchmarks.training_step --cells=mlp,conv --iters=12
 
-Reports the median step time over `--repeats` after `--warmup` untimed steps
-(so tracing is excluded) and each mode's ratio to the unrolled step; writes
-the raw numbers to `--output` (JSON).
+Reports the time of the first step (tracing, and XLA compilation under
+`--jit_compile`) on its own, then the median step time over `--repeats`
+after `--warmup` untimed steps and each mode's ratio to the unrolled step;
+writes the raw numbers to `--output` (JSON).
 """
 
 import os
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -68,6 +70,9 @@ def main(argv):
                     _JIT.value,
                     jacobian=jac == "on",
                 )
+                start = time.perf_counter()
+                step().numpy()  # traces (and compiles, under XLA)
+                first_call = time.perf_counter() - start
                 seconds = timing.measure(
                     lambda step=step: step().numpy(),
                     _REPEATS.value,
@@ -83,6 +88,7 @@ def main(argv):
                         "jit_compile": _JIT.value,
                         "batch_size": int(x.shape[0]),
                         "step_seconds": seconds,
+                        "first_call_seconds": first_call,
                     }
                 )
     median = {
@@ -108,6 +114,7 @@ def main(argv):
             "min-max ms",
             "/ unrolled",
             "/ off",
+            "first call s",
         ],
         [
             [
@@ -118,6 +125,7 @@ def main(argv):
                 timing.ms_range(r["step_seconds"]),
                 ratio(r["ratio_to_unrolled"]),
                 ratio(r["ratio_to_penalty_off"]) if r["jacobian"] else "-",
+                f"{r['first_call_seconds']:.1f}",
             ]
             for r in results
         ],

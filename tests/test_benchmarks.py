@@ -71,6 +71,8 @@ def test_training_step_script(tmp_path):
     }
     for (mode, jac), r in runs.items():
         assert r["step_seconds"]["median"] > 0
+        # the first call traces the step: slower than a traced one
+        assert r["first_call_seconds"] > r["step_seconds"]["min"]
         assert r["iters"] == 3
         assert r["ratio_to_unrolled"] == (
             r["step_seconds"]["median"]
