@@ -7,7 +7,9 @@ DEQ libraries doing identical work:
   W = 0.9·Q (Q orthogonal), U ~ N(0, 1)/16, b ~ 0.1·N(0, 1).
 - conv: NHWC 32×32×64, batch 32,
   f(z, x) = GN₃(ReLU(z + GN₂(conv₂(ReLU(GN₁(conv₁(z))))) + x)), 3×3 convs
-  without bias, weights N(0, 1)/24, GroupNorm with 8 groups and ε = 1e-5.
+  without bias, weights N(0, 1)/24, GroupNorm with 8 groups and ε = 1e-5
+  (keras_deq's `GroupNorm`, the MDEQ's: Keras' `GroupNormalization` in
+  arithmetic and weights, computed in fewer passes).
 - transformer: batch 16, length 128, width 256, 4 heads, FFN 1024 (ReLU),
   post-LN: u = z + x, h = LN₁(u + MHA(u)), f = LN₂(h + FFN(h)), weights
   N(0, 1)/16 (the FFN's second matrix N(0, 1)/32), zero biases, no mask.
@@ -16,6 +18,8 @@ DEQ libraries doing identical work:
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_deq.models.mdeq import GroupNorm
 
 
 @keras.saving.register_keras_serializable(package="keras_deq_benchmarks")
@@ -70,8 +74,7 @@ class ConvCell(keras.layers.Layer):
             for i in (1, 2)
         )
         self.norm1, self.norm2, self.norm3 = (
-            keras.layers.GroupNormalization(8, epsilon=1e-5, name=f"gn{i}")
-            for i in (1, 2, 3)
+            GroupNorm(8, epsilon=1e-5, name=f"gn{i}") for i in (1, 2, 3)
         )
 
     def build(self, z_shape, x_shape):

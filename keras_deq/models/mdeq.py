@@ -31,15 +31,19 @@ def _check_widths(widths, num_groups):
 
 
 class GroupNorm(keras.layers.GroupNormalization):
-    """Keras' `GroupNormalization`, computed as reductions TF runs fast.
+    """Keras' `GroupNormalization`, computed as fewer passes TF runs fast.
 
     The same arithmetic (per sample and group: the mean, then the mean of
     squared deviations, both over positions and the group's channels), with
     the same weights and configuration. For channels-last inputs it sums
     over the positions first (`[B, H·W, C]` → `[B, C]`, a contiguous
     reduction) and over each group's channels second, where Keras reduces a
-    `[B, H, W, G, C/G]` tensor over three axes at once (the timings are in
-    `benchmarks/README.md`). Other axes fall back to Keras' computation.
+    `[B, H, W, G, C/G]` tensor over three axes at once; the deviations are
+    squared in one op (`squared_difference`), and the output is one affine
+    map per sample and channel, x·a + b, so no centred copy of the input is
+    kept. Forward half of Keras' time on a 2-core CPU, with its gradient
+    two thirds (the timings are in `benchmarks/README.md`). Other axes fall
+    back to Keras' computation.
     """
 
     def call(self, inputs):
@@ -61,14 +65,16 @@ class GroupNorm(keras.layers.GroupNormalization):
             mean = tf.broadcast_to(mean, tf.shape(sums))
             return tf.reshape(mean, [-1, channels])
 
-        centred = flat - group_mean(tf.reduce_sum(flat, axis=1))[:, None]
-        variance = group_mean(tf.reduce_sum(tf.square(centred), axis=1))
+        mean = group_mean(tf.reduce_sum(flat, axis=1))
+        deviations = tf.math.squared_difference(flat, mean[:, None])
+        variance = group_mean(tf.reduce_sum(deviations, axis=1))
         scale = tf.math.rsqrt(variance + self.epsilon)
         if self.scale:
             scale = scale * tf.cast(self.gamma, compute)
-        outputs = centred * scale[:, None]
+        shift = -mean * scale
         if self.center:
-            outputs = outputs + tf.cast(self.beta, compute)
+            shift = shift + tf.cast(self.beta, compute)
+        outputs = flat * scale[:, None] + shift[:, None]
         return tf.cast(tf.reshape(outputs, shape), self.compute_dtype)
 
 
