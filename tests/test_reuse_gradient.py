@@ -205,3 +205,36 @@ def test_reuse_trains_and_survives_a_keras_round_trip(tmp_path):
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("refinements", [0, 2])
+def test_reuse_under_mirrored_strategy_matches_single_device(
+    mirrored, refinements
+):
+    """One fit step over two replicas (8 samples each) gives the weights of
+    one step on one device over all 16: each replica's reuse backward reads
+    only its own samples' Broyden estimates."""
+    from tests.layers.test_deq_layer import classifier
+    from tests.layers.test_deq_layer import data
+    from tests.layers.test_deq_layer import one_step_weights
+
+    kwargs = dict(gradient="reuse", backward_max_iter=refinements, max_iter=20)
+    x, y = data(n=16)
+    keras.utils.set_random_seed(3)
+    single = one_step_weights(classifier(**kwargs), x, y)
+    keras.utils.set_random_seed(3)
+    with mirrored.scope():
+        model = classifier(**kwargs)
+        replicated = one_step_weights(model, x, y)
+    assert mirrored.num_replicas_in_sync == 2, "conftest makes two CPUs"
+    keras.utils.set_random_seed(3)
+    fresh = classifier(**kwargs)
+    trainable = {id(w) for w in fresh.trainable_weights}
+    for a, b, w0 in zip(single, replicated, fresh.weights, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        if id(w0) in trainable:
+            moved = np.abs(a - w0.numpy()).max()
+            assert moved > 1e-4, f"the step must move {w0.path}"
+    # Both replicas report their samples' refinements (none to report at 0).
+    counted = model.get_layer("deq").backward_nfe.count.numpy()
+    assert counted == (16 if refinements else 0)
