@@ -47,11 +47,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import json  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -227,25 +225,6 @@ def keras_function(cell, x, r, what, solver, mode):
     return lambda: step().numpy(), iters
 
 
-def time_keras(call):
-    seconds = []
-    for _ in range(_WARMUP.value):
-        call()
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def summary(seconds):
-    return {
-        "median": statistics.median(seconds),
-        "min": min(seconds),
-        "max": max(seconds),
-    }
-
-
 def measure_cell(name, worker, directory):
     cell, x = cells.make(name, _BATCH_SIZE.value)
     rng = np.random.default_rng(7)
@@ -270,10 +249,9 @@ def measure_cell(name, worker, directory):
     reuse = REUSE_ROWS if _REUSE.value else {}
     for label, (what, solver, mode) in {**ROWS, **reuse}.items():
         call, nfe = keras_function(cell, x, r, what, solver, mode)
-        ours = time_keras(call)
         row = {
             "label": label,
-            "keras_deq": summary(ours),
+            "keras_deq": timing.measure(call, _REPEATS.value, _WARMUP.value),
             "keras_deq_nfe": nfe,
         }
         if label in ROWS:
@@ -286,7 +264,7 @@ def measure_cell(name, worker, directory):
                 warmup=_WARMUP.value,
                 repeats=_REPEATS.value,
             )
-            row["torchdeq"] = summary(answer["seconds"])
+            row["torchdeq"] = timing.summary(answer["seconds"])
             row["torchdeq_nfe"] = answer["nfe"]
         rows.append(row)
         theirs = row.get("torchdeq")

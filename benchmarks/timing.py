@@ -19,6 +19,11 @@ def measure(fn, repeats=10, warmup=3):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    return summary(times)
+
+
+def summary(times):
+    """The median, min and max of times in seconds, as `measure` gives."""
     return {
         "median": statistics.median(times),
         "min": min(times),
