@@ -129,7 +129,10 @@ def test_phantom_gradient_is_damped_steps_from_the_fixed_point():
     assert_close_relative(tape_gradients(layer, x), expected, 1e-9)
 
 
-def test_unrolled_gradient_backpropagates_through_every_step():
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_unrolled_gradient_backpropagates_through_every_step(graph):
+    """Eagerly the steps are a Python loop; in a tf.function a while loop
+    (f traced once): both give the written-out computation's gradient."""
     x = problem(seed=5)
     layer = make_layer(gradient="unrolled", max_iter=4)
     out = layer(x)
@@ -141,7 +144,12 @@ def test_unrolled_gradient_backpropagates_through_every_step():
         loss = weighted_sum(z)
     expected = tape.gradient(loss, [x] + block.trainable_variables)
     np.testing.assert_allclose(out.numpy(), z.numpy(), atol=1e-14)
-    assert_close_relative(tape_gradients(layer, x), expected, 1e-12)
+    gradients = tape_gradients
+    if graph:
+        gradients = tf.function(lambda layer, x: tape_gradients(layer, x))
+        traced = gradients.get_concrete_function(layer, x).graph
+        assert "while" in {op.type.lower() for op in traced.get_operations()}
+    assert_close_relative(gradients(layer, x), expected, 1e-12)
 
 
 def test_gradients_reach_what_the_input_depends_on():
