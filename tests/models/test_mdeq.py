@@ -16,8 +16,28 @@ def images(n=4, size=32, seed=0):
     return rng.normal(size=(n, size, size, 3)).astype("float32")
 
 
-def test_default_model_has_four_resolutions_and_table4_settings():
-    model = MDEQClassifier(10)
+def check_table4_solver_and_penalty(deq):
+    assert (deq.solver, deq.max_iter, deq.tol) == ("broyden", 7, 1e-3)
+    assert (deq.backward_max_iter, deq.backward_tol) == (8, 1e-4)
+    assert float(deq.jac_weight.numpy()) == 0.5
+    np.testing.assert_allclose(deq.jac_freq.numpy(), 0.05)
+    wn = [
+        layer
+        for layer in deq.block._flatten_layers()
+        if isinstance(layer, keras_deq.layers.WeightNormalization)
+    ]
+    # Two per branch; fusion: 10 strided convs down, 6 1×1 convs up.
+    assert len(wn) == 4 * 2 + 10 + 6
+
+
+def init_stddev(deq):
+    """The sample standard deviation of the block's first conv kernel."""
+    conv = deq.block.branches[0][0].layer
+    return float(np.std(conv.kernel.numpy()))
+
+
+def test_default_model_has_four_resolutions_and_its_documented_defaults():
+    model = MDEQClassifier(10, seed=0)
     deq = model.get_layer("deq")
     shapes = [tuple(t.shape) for t in deq.output]
     assert shapes == [
@@ -27,25 +47,30 @@ def test_default_model_has_four_resolutions_and_table4_settings():
         (None, 4, 4, 224),
     ]
     assert model.output.shape == (None, 10)
-    assert (deq.solver, deq.max_iter, deq.tol) == ("broyden", 7, 1e-3)
-    assert (deq.backward_max_iter, deq.backward_tol) == (8, 1e-4)
-    assert float(deq.jac_weight.numpy()) == 0.5
-    np.testing.assert_allclose(deq.jac_freq.numpy(), 0.05)
+    check_table4_solver_and_penalty(deq)
+    # The departures from Table 4 (see the class docstring).
+    assert deq.gradient == "unrolled"
+    dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
+    assert len(dropouts) == 4 and all(d.rate == 0.0 for d in dropouts)
+    assert deq.block.branches[0][0].layer.filters == 2 * 28
+    assert abs(init_stddev(deq) - 0.05) < 0.005
+
+
+def test_paper_configuration_is_table4():
+    model = MDEQClassifier(10, seed=0, **MDEQClassifier.PAPER_CIFAR10)
+    deq = model.get_layer("deq")
+    check_table4_solver_and_penalty(deq)
+    assert deq.gradient == "implicit"
     dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
     assert len(dropouts) == 4 and all(d.rate == 0.25 for d in dropouts)
-    wn = [
-        layer
-        for layer in deq.block._flatten_layers()
-        if isinstance(layer, keras_deq.layers.WeightNormalization)
-    ]
-    # Two per branch; fusion: 10 strided convs down, 6 1×1 convs up.
-    assert len(wn) == 4 * 2 + 10 + 6
+    assert abs(init_stddev(deq) - 0.01) < 0.001
     # 6,911,392 parameters: widths 28/56/112/224 with expansion 5.
     assert model.count_params() == 6_911_392
 
 
 def test_forward_output_is_a_fixed_point_of_the_block():
-    model = MDEQClassifier(3, max_iter=60, tol=1e-5, **SMALL)
+    # The paper's initialisation, where f is a contraction (test below).
+    model = MDEQClassifier(3, max_iter=60, tol=1e-5, init_stddev=0.01, **SMALL)
     x = images()
     deq = model.get_layer("deq")
     injections = keras.Model(model.input, deq.input)(x)
@@ -76,7 +101,7 @@ def test_keras_file_and_saved_model_give_identical_predictions(tmp_path):
 # checked against an unrolled layer in tests/test_callbacks.py.
 @pytest.mark.large
 def test_unrolled_pretraining_switches_after_the_given_steps():
-    model = MDEQClassifier(3, **SMALL)
+    model = MDEQClassifier(3, gradient="implicit", **SMALL)
     deq = model.get_layer("deq")
     model.compile(
         optimizer="adam",
@@ -119,13 +144,24 @@ def test_bad_configuration(kwargs, pattern):
         MDEQClassifier(**kwargs)
 
 
-def test_block_is_a_contraction_at_initialisation():
-    """Injection before GN₂ and zero-scale fusion norms: ρ(J_f) < 1."""
-    model = MDEQClassifier(10, widths=(8, 16, 32, 64), expansion=1, seed=0)
+@pytest.mark.parametrize("init_stddev, bound", [(0.01, 0.9), (0.05, 1.1)])
+def test_spectral_radius_at_initialisation(init_stddev, bound):
+    """Injection before GN₂ and zero-scale fusion norms: at the paper's
+    N(0, 0.01²) f is a contraction, ρ(J_f) < 0.9; at the default
+    N(0, 0.05²) ρ is near 1 (0.97-1.01 on these images)."""
+    model = MDEQClassifier(
+        10,
+        widths=(8, 16, 32, 64),
+        expansion=1,
+        init_stddev=init_stddev,
+        seed=0,
+    )
     deq = model.get_layer("deq")
     injections = keras.Model(model.input, deq.input)(images(4))
     radius = deq.spectral_radius(injections, num_iters=100).numpy()
-    assert np.all(radius < 0.9), radius
+    assert np.all(radius < bound), radius
+    if init_stddev == 0.05:
+        assert np.all(radius > 0.9), radius
 
 
 def test_phantom_gradient_settings_reach_the_layer_and_the_config():
