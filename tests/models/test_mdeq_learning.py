@@ -31,7 +31,9 @@ def test_defaults_learn_real_digits_with_and_without_the_penalty():
     """The issue's protocol (`benchmarks/mdeq_digits.py`): widths 16-128,
     all else default, Adam 1e-3, batch 64, 8 epochs; once without the
     penalty and once with it on every step (γ 1, p 1). Measured on seeds
-    0 / 1 / 2: __TEST_DIGITS__."""
+    0 / 1 / 2, without / with the penalty: 99.0 / 96.25%, 98.5 / 98.75%,
+    96.75 / 97.75%, NFE 7 / 7, residual 0.14 / 0.08, 0.15 / 0.09,
+    0.12 / 0.08."""
     pytest.importorskip("sklearn")
     from benchmarks import mdeq_digits
 
