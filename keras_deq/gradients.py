@@ -379,13 +379,12 @@ def unrolled(
             previous, z = z, f(z)
         return z, previous
 
-    def body(i, previous, z):
-        return i + 1, z, f(z)
-
-    _, previous, z = tf.while_loop(
-        lambda i, previous, z: i < steps,
-        body,
-        (tf.constant(0), z0, z0),
+    # `maximum_iterations` counts the steps (and bounds the loop for XLA's
+    # gradient), so the loop carries no counter of its own.
+    previous, z = tf.while_loop(
+        lambda previous, z: True,
+        lambda previous, z: (z, f(z)),
+        (z0, z0),
         maximum_iterations=steps,
     )
     return z, previous
