@@ -141,6 +141,9 @@ def fit(
         validation_steps=validation_steps,
         callbacks=training_callbacks(strategy, model_dir, monitor, mode, extra),
         verbose=verbose,
+        # The datasets shuffle themselves; Keras warns that its own
+        # `shuffle=True` default is ignored for a tf.data.Dataset.
+        shuffle=False,
     )
     return history.history
 

@@ -4,6 +4,7 @@ import collections
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -86,17 +87,21 @@ def test_reported_perplexity_is_exp_of_mean_token_cross_entropy():
 def test_one_epoch_mirrored_then_keras_file_and_savedmodel(
     corpus, tmp_path, mirrored
 ):
-    result = wt.run(
-        corpus,
-        model_dir=str(tmp_path / "run"),
-        export_dir=str(tmp_path / "export"),
-        epochs=1,
-        batch_size=8,
-        seq_len=16,
-        strategy=mirrored,
-        verbose=0,
-        **TINY_MODEL,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = wt.run(
+            corpus,
+            model_dir=str(tmp_path / "run"),
+            export_dir=str(tmp_path / "export"),
+            epochs=1,
+            batch_size=8,
+            seq_len=16,
+            strategy=mirrored,
+            verbose=0,
+            **TINY_MODEL,
+        )
+    # The datasets shuffle themselves: no "shuffle=True ... ignored" noise.
+    assert not [w for w in caught if "shuffle" in str(w.message)]
     model = result["model"]
     assert model.distribute_strategy is mirrored
     for w in model.get_layer("deq").block.trainable_weights:
