@@ -8,43 +8,13 @@ bounds are ratios to baselines trained on the same text, not numbers).
 """
 
 import keras
-import numpy as np
 import pytest
 
 from benchmarks.char_text import char_windows
+from benchmarks.char_text import explicit_transformer
+from benchmarks.char_text import held_out_perplexity
+from benchmarks.char_text import unigram_perplexity
 from keras_deq.models import DEQTransformerLM
-
-
-def unigram_perplexity(train_targets, test_targets, vocab_size):
-    counts = np.bincount(train_targets.ravel(), minlength=vocab_size) + 1.0
-    log_p = np.log(counts / counts.sum())
-    return float(np.exp(-log_p[test_targets.ravel()].mean()))
-
-
-def explicit_transformer(vocab_size, width, num_heads, intermediate, length):
-    """One causal post-LN transformer layer of the same width: the baseline."""
-    import keras_hub
-
-    tokens = keras.Input((None,), dtype="int32")
-    h = keras_hub.layers.TokenAndPositionEmbedding(vocab_size, length, width)(
-        tokens
-    )
-    h = keras_hub.layers.TransformerDecoder(intermediate, num_heads)(h)
-    return keras.Model(tokens, keras.layers.Dense(vocab_size)(h))
-
-
-def held_out_perplexity(model, train, test, epochs, batch_size=32):
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    history = model.fit(
-        *train, batch_size=batch_size, epochs=epochs, verbose=0
-    ).history
-    loss = model.evaluate(
-        *test, batch_size=batch_size, verbose=0, return_dict=True
-    )["loss"]
-    return float(np.exp(loss)), history
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
@@ -60,7 +30,7 @@ def test_learns_real_text_beyond_token_frequencies(norm):
     model = DEQTransformerLM(
         vocab, hidden_dim=64, num_heads=4, intermediate_dim=128, norm=norm
     )
-    perplexity, history = held_out_perplexity(model, train, test, epochs=3)
+    perplexity, history, _ = held_out_perplexity(model, train, test, epochs=3)
     assert min(history["deq_jac_loss"]) > 0  # the penalty was on
     assert perplexity <= 0.6 * unigram, (perplexity, unigram)
 
@@ -78,14 +48,14 @@ def test_learns_real_text_like_an_explicit_transformer(norm):
     """
     train, test, vocab = char_windows(400_000, 64)
     unigram = unigram_perplexity(train[1], test[1], vocab)
-    baseline, _ = held_out_perplexity(
+    baseline, *_ = held_out_perplexity(
         explicit_transformer(vocab, 128, 4, 256, 64), train, test, epochs=2
     )
     keras.utils.set_random_seed(0)
     model = DEQTransformerLM(
         vocab, hidden_dim=128, num_heads=4, intermediate_dim=256, norm=norm
     )
-    perplexity, history = held_out_perplexity(model, train, test, epochs=2)
+    perplexity, history, _ = held_out_perplexity(model, train, test, epochs=2)
     assert min(history["deq_jac_loss"]) > 0
     assert perplexity <= 0.5 * unigram, (perplexity, unigram)
     assert perplexity <= 1.2 * baseline, (perplexity, baseline)
