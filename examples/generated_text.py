@@ -9,7 +9,7 @@ model example runs end to end:
     python examples/generated_text.py --out=/tmp/generated_wikitext
     python examples/wikitext103_transformer.py \
         --data_dir=/tmp/generated_wikitext --hidden_dim=64 --num_heads=4 \
-        --intermediate_dim=256 --seq_len=32 --batch_size=16 --epochs=2
+        --intermediate_dim=256 --seq_len=32 --batch_size=16 --epochs=8
 
 The text is a sparse Markov chain over `vocab_size` made-up words: each
 word (with `order=2`, each pair of preceding words) allows `branching`

@@ -15,7 +15,7 @@ A trial on a CPU with a generated corpus in the same format:
     python examples/generated_text.py --out=/tmp/generated_wikitext
     python examples/wikitext103_transformer.py \
         --data_dir=/tmp/generated_wikitext --hidden_dim=64 --num_heads=4 \
-        --intermediate_dim=256 --seq_len=32 --batch_size=16 --epochs=2
+        --intermediate_dim=256 --seq_len=32 --batch_size=16 --epochs=8
 
 Defaults follow Table 4: width 700 (10 heads, feed-forward 48000 as in the
 original DEQ-Transformer), post-LN, variational dropout 0.06, weight
