@@ -350,11 +350,13 @@ def main(argv):
         **common.model_arguments(MODEL_FLAGS),
     )
     logs = {k: v[-1] for k, v in result["history"].items()}
+    test = result["test"]
     print(
-        f"validation perplexity {logs['val_perplexity']:.2f} | test "
-        f"perplexity {result['test']['perplexity']:.2f} | forward NFE "
-        f"{logs['deq_forward_nfe']:.2f} (residual "
-        f"{logs['deq_forward_residual']:.1e})"
+        f"validation perplexity {logs['val_perplexity']:.2f}, forward NFE "
+        f"{logs['val_deq_forward_nfe']:.2f} (residual "
+        f"{logs['val_deq_forward_residual']:.1e}) | test perplexity "
+        f"{test['perplexity']:.2f}, forward NFE {test['deq_forward_nfe']:.2f} "
+        f"| last training epoch's forward NFE {logs['deq_forward_nfe']:.2f}"
     )
     if FLAGS.sample_words:
         vocab = result["vocabulary"].get_vocabulary()
