@@ -16,6 +16,7 @@ paper's). Prints, per width and norm, the held-out perplexity as a
 fraction of the unigram perplexity and of an explicit one-layer
 transformer of the same width trained identically (`--baseline`), the
 forward NFE and residual at evaluation, γ and the seconds per step.
+`--model_kwargs` (JSON) sets further arguments, e.g. `'{"jac_weight": 0}'`.
 Writes every run to `--output` (JSON).
 """
 
@@ -49,6 +50,9 @@ _FFN_RATIO = flags.DEFINE_integer(
 _BASELINE = flags.DEFINE_bool(
     "baseline", True, "Also train the explicit one-layer transformer."
 )
+_MODEL_KWARGS = flags.DEFINE_string(
+    "model_kwargs", "{}", "JSON of further DEQTransformerLM arguments."
+)
 _OUTPUT = flags.DEFINE_string(
     "output", "lm_widths.json", "Where to write the JSON results."
 )
@@ -62,7 +66,17 @@ def heads_for(width):
     return min(divisors, key=lambda h: (abs(h - width / 64), h))
 
 
-def run(width, norm, seed, data, epochs, batch_size, ffn_ratio, baseline):
+def run(
+    width,
+    norm,
+    seed,
+    data,
+    epochs,
+    batch_size,
+    ffn_ratio,
+    baseline,
+    model_kwargs=None,
+):
     """One width and norm: a dict of the measurements."""
     train, test, vocab = data
     unigram = char_text.unigram_perplexity(train[1], test[1], vocab)
@@ -74,6 +88,7 @@ def run(width, norm, seed, data, epochs, batch_size, ffn_ratio, baseline):
         "num_heads": heads,
         "intermediate_dim": ffn_ratio * width,
         "unigram_perplexity": unigram,
+        "model_kwargs": model_kwargs or {},
     }
     if baseline:
         keras.utils.set_random_seed(seed)
@@ -91,6 +106,7 @@ def run(width, norm, seed, data, epochs, batch_size, ffn_ratio, baseline):
         intermediate_dim=ffn_ratio * width,
         norm=norm,
         seed=seed,
+        **(model_kwargs or {}),
     )
     start = time.perf_counter()
     perplexity, history, logs = char_text.held_out_perplexity(
@@ -134,6 +150,7 @@ def main(argv):
                     _BATCH_SIZE.value,
                     _FFN_RATIO.value,
                     _BASELINE.value,
+                    json.loads(_MODEL_KWARGS.value),
                 )
                 results.append(r)
                 explicit = f"{r['of_explicit']:.2f}" if _BASELINE.value else "-"
