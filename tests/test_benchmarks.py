@@ -415,3 +415,41 @@ def test_generation_script(tmp_path):
     assert speed["cached_tokens_per_s"] > speed["full_tokens_per_s"]
     assert (tmp_path / "generation.png").stat().st_size > 0
     assert "speed-up" in stdout
+
+
+def test_lm_widths_script(tmp_path):
+    from benchmarks import char_text
+    from benchmarks import lm_widths
+
+    assert [lm_widths.heads_for(w) for w in (64, 256, 300, 448, 700)] == [
+        4,
+        4,
+        5,
+        7,
+        10,
+    ]
+    data, stdout = run_module(
+        "lm_widths",
+        tmp_path,
+        "--widths=16",
+        "--norms=pre",
+        "--num_chars=4000",
+        "--seq_len=16",
+        "--epochs=1",
+        "--baseline=false",
+        '--model_kwargs={"max_iter": 4, "backward_max_iter": 4, "jac_freq": 1}',
+        timing_flags=False,
+    )
+    (run,) = data
+    train, test, vocab = char_text.char_windows(4000, 16)
+    counts = np.bincount(train[1].ravel(), minlength=vocab) + 1.0
+    unigram = np.exp(-np.log(counts / counts.sum())[test[1].ravel()].mean())
+    np.testing.assert_allclose(run["unigram_perplexity"], unigram, rtol=1e-6)
+    np.testing.assert_allclose(
+        run["of_unigram"], run["perplexity"] / unigram, rtol=1e-6
+    )
+    # The width-aware default γ = 1.6 · √(16 / 700).
+    np.testing.assert_allclose(run["jac_weight"], 1.6 * (16 / 700) ** 0.5)
+    assert 1 <= run["forward_nfe"] <= 4
+    assert run["min_jac_loss"] > 0
+    assert "   16  pre" in stdout
