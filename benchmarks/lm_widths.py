@@ -11,11 +11,13 @@ first `--num_chars` characters of Keras' own `layers` sources, the last
 width-aware γ, the N(0, 1/fan_in) initialisation, Broyden 12/12, dropout
 0.06, weight normalization, the penalty at p = 0.35) and trains it with
 Adam 1e-3, batch `--batch_size`, for `--epochs`. h is 4 up to width 256
-and width / 64 rounded to a divisor above it (7 at 448, 10 at 700, the
-paper's). Prints, per width and norm, the held-out perplexity as a
-fraction of the unigram perplexity and of an explicit one-layer
+and above it the divisor of the width nearest width / 64 (7 at 448, 10 at
+700, the paper's). Prints, per width and norm, the held-out perplexity as
+a fraction of the unigram perplexity and of an explicit one-layer
 transformer of the same width trained identically (`--baseline`), the
-forward NFE and residual at evaluation, γ and the seconds per step.
+forward NFE and residual at evaluation, γ and the seconds per training
+step (the wall-clock of fit and evaluation, tracing included, over the
+training steps: a rough figure).
 `--model_kwargs` (JSON) sets further arguments, e.g. `'{"jac_weight": 0}'`.
 Writes every run to `--output` (JSON).
 """
