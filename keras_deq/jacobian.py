@@ -125,9 +125,12 @@ def spectral_radius(
         return tf.math.divide_no_nan(v, tf.norm(v, axis=-1, keepdims=True))
 
     v = normalize(_normal(tf.shape(z), z.dtype, seed, 0))
+    # The loop variable keeps z's static shape: a block that reshapes
+    # internally (the MDEQ's) returns products of unknown shape, which a
+    # graph while loop would reject.
     v = tf.while_loop(
         lambda i, v: i < num_iters - 2,
-        lambda i, v: (i + 1, normalize(vjp(v))),
+        lambda i, v: (i + 1, tf.ensure_shape(normalize(vjp(v)), z.shape)),
         (tf.constant(0), v),
     )[1]
     radius = tf.sqrt(tf.norm(vjp(vjp(v)), axis=-1))

@@ -164,6 +164,27 @@ def test_spectral_radius_at_initialisation(init_stddev, bound):
         assert np.all(radius > 0.9), radius
 
 
+
+def test_spectral_radius_monitor_runs_the_power_method_in_a_graph():
+    """`SpectralRadiusMonitor` traces the power method; the MDEQ's
+    multi-resolution state used to lose its static shape there (a while
+    loop error). The graph value equals the eager estimate."""
+    model = MDEQClassifier(10, input_shape=(8, 8, 3), **SMALL)
+    x = images(2, size=8)
+    monitor = keras_deq.callbacks.SpectralRadiusMonitor(x, num_iters=20)
+    monitor.set_model(model)
+    monitor.on_train_begin()
+    logs = {}
+    monitor.on_epoch_end(0, logs)
+    deq = model.get_layer("deq")
+    eager = deq.spectral_radius(
+        keras.Model(model.input, deq.input)(x), num_iters=20
+    )
+    np.testing.assert_allclose(
+        logs["deq_spectral_radius"], np.mean(eager), rtol=1e-5
+    )
+    assert 0 < logs["deq_spectral_radius"] < 2
+
 def test_phantom_gradient_settings_reach_the_layer_and_the_config():
     model = MDEQClassifier(
         10, gradient="phantom", phantom_steps=3, phantom_tau=0.8, **SMALL
