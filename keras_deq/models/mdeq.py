@@ -412,12 +412,20 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         def norm(name):
             return GroupNorm(num_groups, epsilon=1e-5, dtype=dtype, name=name)
 
+        def glorot(index):
+            # Keras' default kernel initialiser, seeded apart from the
+            # block's (which uses seed · 1000 + 1, 2, ...).
+            return keras.initializers.GlorotUniform(
+                None if seed is None else seed * 1000 + 900 + index
+            )
+
         images = keras.Input(input_shape, name="images")
         h = keras.layers.Conv2D(
             widths[0],
             3,
             padding="same",
             use_bias=False,
+            kernel_initializer=glorot(0),
             dtype=dtype,
             name="stem_conv",
         )(images)
@@ -430,6 +438,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
                 strides=2,
                 padding="same",
                 use_bias=False,
+                kernel_initializer=glorot(i),
                 dtype=dtype,
                 name=f"inject{i}_conv",
             )(h)
@@ -456,7 +465,10 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             pooled
         )
         logits = keras.layers.Dense(
-            num_classes, dtype="float32", name="logits"
+            num_classes,
+            kernel_initializer=glorot(len(widths)),
+            dtype="float32",
+            name="logits",
         )(features)
         super().__init__(images, logits, **kwargs)
         if dtype is not None:  # Functional drops it, as keras-hub notes

@@ -94,3 +94,27 @@ def test_unknown_keyword_arguments_raise(name):
     build, _ = CASES[name]
     with pytest.raises((TypeError, ValueError), match=r"max_iters"):
         build(max_iters=5)
+
+
+
+SEEDED = {
+    "mdeq": lambda seed: MDEQClassifier(
+        3, widths=(8, 16), expansion=1, num_groups=4, seed=seed
+    ),
+    "lm": lambda seed: DEQTransformerLM(
+        20, hidden_dim=16, num_heads=2, intermediate_dim=24, seed=seed
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_a_seed_fixes_every_initial_weight(name):
+    """The same `seed` builds the same model (the MDEQ's stem, injection
+    convolutions and head used to be drawn unseeded); another seed draws
+    every random weight anew."""
+    build = SEEDED[name]
+    first, again, other = build(3), build(3), build(4)
+    for a, b, c in zip(first.weights, again.weights, other.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+        if np.unique(a.numpy()).size > 1:  # drawn, not a constant
+            assert not np.array_equal(a.numpy(), c.numpy()), a.path
