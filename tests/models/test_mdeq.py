@@ -164,7 +164,6 @@ def test_spectral_radius_at_initialisation(init_stddev, bound):
         assert np.all(radius > 0.9), radius
 
 
-
 def test_spectral_radius_monitor_runs_the_power_method_in_a_graph():
     """`SpectralRadiusMonitor` traces the power method; the MDEQ's
     multi-resolution state used to lose its static shape there (a while
@@ -184,6 +183,7 @@ def test_spectral_radius_monitor_runs_the_power_method_in_a_graph():
         logs["deq_spectral_radius"], np.mean(eager), rtol=1e-5
     )
     assert 0 < logs["deq_spectral_radius"] < 2
+
 
 def test_phantom_gradient_settings_reach_the_layer_and_the_config():
     model = MDEQClassifier(

@@ -96,7 +96,6 @@ def test_unknown_keyword_arguments_raise(name):
         build(max_iters=5)
 
 
-
 SEEDED = {
     "mdeq": lambda seed: MDEQClassifier(
         3, widths=(8, 16), expansion=1, num_groups=4, seed=seed
@@ -114,7 +113,9 @@ def test_a_seed_fixes_every_initial_weight(name):
     every random weight anew."""
     build = SEEDED[name]
     first, again, other = build(3), build(3), build(4)
-    for a, b, c in zip(first.weights, again.weights, other.weights, strict=True):
+    for a, b, c in zip(
+        first.weights, again.weights, other.weights, strict=True
+    ):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
         if np.unique(a.numpy()).size > 1:  # drawn, not a constant
             assert not np.array_equal(a.numpy(), c.numpy()), a.path
