@@ -41,6 +41,7 @@ def run_module(module, tmp_path, *flags, timing_flags=True):
         return json.load(fh), done.stdout
 
 
+@pytest.mark.large  # a timing or memory harness: --run-large
 def test_solver_overhead_script(tmp_path):
     data, stdout = run_module(
         "solver_overhead", tmp_path, "--iters=4", "--cells=mlp,conv"
@@ -168,6 +169,7 @@ def test_compare_torchdeq_script(tmp_path):
     assert "keras_deq ms" in stdout and "TorchDEQ ms" in stdout
 
 
+@pytest.mark.large  # a timing or memory harness: --run-large
 def test_mdeq_throughput_script(tmp_path):
     data, stdout = run_module(
         "mdeq_throughput",
@@ -185,6 +187,7 @@ def test_mdeq_throughput_script(tmp_path):
     assert "samples/s" in stdout
 
 
+@pytest.mark.large  # a timing or memory harness: --run-large
 def test_lm_throughput_script(tmp_path):
     data, stdout = run_module(
         "lm_throughput",
@@ -206,6 +209,7 @@ def test_lm_throughput_script(tmp_path):
     assert "tokens/s" in stdout
 
 
+@pytest.mark.large  # a timing or memory harness: --run-large
 def test_memory_script(tmp_path):
     plot = tmp_path / "memory.png"
     data, stdout = run_module(
