@@ -148,7 +148,9 @@ def test_bad_configuration(kwargs, pattern):
 def test_spectral_radius_at_initialisation(init_stddev, bound):
     """Injection before GN₂ and zero-scale fusion norms: at the paper's
     N(0, 0.01²) f is a contraction, ρ(J_f) < 0.9; at the default
-    N(0, 0.05²) ρ is near 1 (0.97-1.01 on these images)."""
+    N(0, 0.05²) ρ is near 1. With 50 power iterations, on seeds 0-2:
+    0.81-0.85 and 0.95-1.05 on these images (100 iterations: within
+    0.02 of those)."""
     model = MDEQClassifier(
         10,
         widths=(8, 16, 32, 64),
@@ -158,7 +160,7 @@ def test_spectral_radius_at_initialisation(init_stddev, bound):
     )
     deq = model.get_layer("deq")
     injections = keras.Model(model.input, deq.input)(images(4))
-    radius = deq.spectral_radius(injections, num_iters=100).numpy()
+    radius = deq.spectral_radius(injections, num_iters=50).numpy()
     assert np.all(radius < bound), radius
     if init_stddev == 0.05:
         assert np.all(radius > 0.9), radius
