@@ -71,15 +71,22 @@ def explicit_transformer(vocab_size, width, num_heads, intermediate, length):
     return keras.Model(tokens, keras.layers.Dense(vocab_size)(h))
 
 
-def held_out_perplexity(model, train, test, epochs, batch_size=32):
+def held_out_perplexity(
+    model, train, test, epochs, batch_size=32, per_epoch=False
+):
     """Trains with Adam 1e-3; returns the held-out perplexity, the History's
-    dict and the held-out `evaluate` logs."""
+    dict and the held-out `evaluate` logs. `per_epoch` also evaluates the
+    held-out part after every epoch (the History's `val_loss`)."""
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     history = model.fit(
-        *train, batch_size=batch_size, epochs=epochs, verbose=0
+        *train,
+        batch_size=batch_size,
+        epochs=epochs,
+        verbose=0,
+        validation_data=test if per_epoch else None,
     ).history
     logs = model.evaluate(
         *test, batch_size=batch_size, verbose=0, return_dict=True

@@ -18,7 +18,8 @@ transformer of the same width trained identically (`--baseline`), the
 forward NFE and residual at evaluation, γ and the seconds per training
 step (the wall-clock of fit and evaluation, tracing included, over the
 training steps: a rough figure).
-`--model_kwargs` (JSON) sets further arguments, e.g. `'{"jac_weight": 0}'`.
+`--model_kwargs` (JSON) sets further arguments, e.g. `'{"jac_weight": 0}'`;
+`--history` adds the training and held-out perplexity of every epoch.
 Writes every run to `--output` (JSON).
 """
 
@@ -31,6 +32,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -51,6 +53,12 @@ _FFN_RATIO = flags.DEFINE_integer(
 )
 _BASELINE = flags.DEFINE_bool(
     "baseline", True, "Also train the explicit one-layer transformer."
+)
+_HISTORY = flags.DEFINE_bool(
+    "history",
+    False,
+    "Also record the training perplexity of every epoch and the held-out "
+    "perplexity after it (the times then include the evaluations).",
 )
 _MODEL_KWARGS = flags.DEFINE_string(
     "model_kwargs", "{}", "JSON of further DEQTransformerLM arguments."
@@ -78,8 +86,10 @@ def run(
     ffn_ratio,
     baseline,
     model_kwargs=None,
+    per_epoch=False,
 ):
-    """One width and norm: a dict of the measurements."""
+    """One width and norm: a dict of the measurements. `per_epoch` adds
+    the training and held-out perplexity of every epoch."""
     train, test, vocab = data
     unigram = char_text.unigram_perplexity(train[1], test[1], vocab)
     heads = heads_for(width)
@@ -112,7 +122,7 @@ def run(
     )
     start = time.perf_counter()
     perplexity, history, logs = char_text.held_out_perplexity(
-        model, train, test, epochs, batch_size
+        model, train, test, epochs, batch_size, per_epoch=per_epoch
     )
     seconds = time.perf_counter() - start
     steps = epochs * -(-len(train[0]) // batch_size)
@@ -126,6 +136,13 @@ def run(
         min_jac_loss=float(min(history["deq_jac_loss"])),
         seconds_per_step=seconds / steps,
     )
+    if per_epoch:
+        result["train_perplexity_per_epoch"] = [
+            float(np.exp(v)) for v in history["loss"]
+        ]
+        result["held_out_perplexity_per_epoch"] = [
+            float(np.exp(v)) for v in history["val_loss"]
+        ]
     if baseline:
         result["of_explicit"] = perplexity / result["explicit_perplexity"]
     return result
@@ -153,6 +170,7 @@ def main(argv):
                     _FFN_RATIO.value,
                     _BASELINE.value,
                     json.loads(_MODEL_KWARGS.value),
+                    per_epoch=_HISTORY.value,
                 )
                 results.append(r)
                 explicit = f"{r['of_explicit']:.2f}" if _BASELINE.value else "-"
@@ -164,6 +182,15 @@ def main(argv):
                     f"{r['seconds_per_step']:6.2f}",
                     flush=True,
                 )
+                for key in ("train", "held_out"):
+                    if f"{key}_perplexity_per_epoch" in r:
+                        print(
+                            f"      {key} perplexity per epoch: "
+                            + " ".join(
+                                f"{p:.2f}"
+                                for p in r[f"{key}_perplexity_per_epoch"]
+                            )
+                        )
                 with open(_OUTPUT.value, "w") as file:
                     json.dump(results, file, indent=1)
 

@@ -447,8 +447,9 @@ def test_lm_widths_script(tmp_path):
         "--norms=pre",
         "--num_chars=4000",
         "--seq_len=16",
-        "--epochs=1",
+        "--epochs=2",
         "--baseline=false",
+        "--history",
         '--model_kwargs={"max_iter": 4, "backward_max_iter": 4, "jac_freq": 1}',
         timing_flags=False,
     )
@@ -465,3 +466,11 @@ def test_lm_widths_script(tmp_path):
     assert 1 <= run["forward_nfe"] <= 4
     assert run["min_jac_loss"] > 0
     assert "   16  pre" in stdout
+    # --history: one figure per epoch; the held-out one after the last
+    # epoch is the final evaluation's.
+    assert len(run["train_perplexity_per_epoch"]) == 2
+    assert len(run["held_out_perplexity_per_epoch"]) == 2
+    np.testing.assert_allclose(
+        run["held_out_perplexity_per_epoch"][-1], run["perplexity"], rtol=1e-5
+    )
+    assert "held_out perplexity per epoch" in stdout
