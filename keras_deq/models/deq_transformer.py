@@ -360,7 +360,10 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
     text, seed 0) the defaults reach 0.27–0.34 × the unigram perplexity at
     widths 128–448 and 0.43 at 64, within 0.87–1.23 × an explicit layer of
     the same width; width 700 is the slowest to learn (0.48–0.53 ×
-    unigram, about 2 × the explicit layer; 1.47 × with γ = 0).
+    unigram, about 2 × the explicit layer; 1.47 × with γ = 0), and with
+    γ = 1.6 its training turns unstable after about 260 steps at Adam 1e-3
+    (training perplexity 10.4 → 16.2; `benchmarks/README.md`). At width
+    700 watch the training loss, or lower γ or the learning rate.
 
     The second is initialisation: the
     paper draws every weight from N(0, 0.01²); here `init_stddev=None`
