@@ -93,19 +93,20 @@ def run(
     train, test, vocab = data
     unigram = char_text.unigram_perplexity(train[1], test[1], vocab)
     heads = heads_for(width)
+    intermediate = ffn_ratio * width
     result = {
         "width": width,
         "norm": norm,
         "seed": seed,
         "num_heads": heads,
-        "intermediate_dim": ffn_ratio * width,
+        "intermediate_dim": intermediate,
         "unigram_perplexity": unigram,
         "model_kwargs": model_kwargs or {},
     }
     if baseline:
         keras.utils.set_random_seed(seed)
         explicit = char_text.explicit_transformer(
-            vocab, width, heads, ffn_ratio * width, train[0].shape[1]
+            vocab, width, heads, intermediate, train[0].shape[1]
         )
         result["explicit_perplexity"], *_ = char_text.held_out_perplexity(
             explicit, train, test, epochs, batch_size
@@ -115,7 +116,7 @@ def run(
         vocab,
         hidden_dim=width,
         num_heads=heads,
-        intermediate_dim=ffn_ratio * width,
+        intermediate_dim=intermediate,
         norm=norm,
         seed=seed,
         **(model_kwargs or {}),
@@ -183,14 +184,10 @@ def main(argv):
                     flush=True,
                 )
                 for key in ("train", "held_out"):
-                    if f"{key}_perplexity_per_epoch" in r:
-                        print(
-                            f"      {key} perplexity per epoch: "
-                            + " ".join(
-                                f"{p:.2f}"
-                                for p in r[f"{key}_perplexity_per_epoch"]
-                            )
-                        )
+                    per_epoch = r.get(f"{key}_perplexity_per_epoch", [])
+                    if per_epoch:
+                        values = " ".join(f"{p:.2f}" for p in per_epoch)
+                        print(f"      {key} perplexity per epoch: {values}")
                 with open(_OUTPUT.value, "w") as file:
                     json.dump(results, file, indent=1)
 
