@@ -48,6 +48,9 @@ _NUM_CHARS = flags.DEFINE_integer("num_chars", 100_000, "Characters of text.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32, "Characters per window.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Windows per step.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Passes over the training part.")
+_LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", 1e-3, "Adam's learning rate, for both models."
+)
 _FFN_RATIO = flags.DEFINE_integer(
     "ffn_ratio", 2, "Feed-forward width as a multiple of the model width."
 )
@@ -87,9 +90,13 @@ def run(
     baseline,
     model_kwargs=None,
     per_epoch=False,
+    learning_rate=1e-3,
 ):
     """One width and norm: a dict of the measurements. `per_epoch` adds
-    the training and held-out perplexity of every epoch."""
+    the training and held-out perplexity of every epoch, and the training
+    objective of every epoch (the mean cross-entropy plus the mean
+    Jacobian penalty, as `fit` minimises it) as
+    `train_objective_per_epoch`."""
     train, test, vocab = data
     unigram = char_text.unigram_perplexity(train[1], test[1], vocab)
     heads = heads_for(width)
@@ -109,7 +116,12 @@ def run(
             vocab, width, heads, intermediate, train[0].shape[1]
         )
         result["explicit_perplexity"], *_ = char_text.held_out_perplexity(
-            explicit, train, test, epochs, batch_size
+            explicit,
+            train,
+            test,
+            epochs,
+            batch_size,
+            learning_rate=learning_rate,
         )
     keras.utils.set_random_seed(seed)
     model = DEQTransformerLM(
@@ -123,7 +135,13 @@ def run(
     )
     start = time.perf_counter()
     perplexity, history, logs = char_text.held_out_perplexity(
-        model, train, test, epochs, batch_size, per_epoch=per_epoch
+        model,
+        train,
+        test,
+        epochs,
+        batch_size,
+        per_epoch=per_epoch,
+        learning_rate=learning_rate,
     )
     seconds = time.perf_counter() - start
     steps = epochs * -(-len(train[0]) // batch_size)
@@ -131,6 +149,7 @@ def run(
     result.update(
         perplexity=perplexity,
         of_unigram=perplexity / unigram,
+        learning_rate=float(model.optimizer.learning_rate),
         jac_weight=float(deq.jac_weight),
         forward_nfe=float(logs["deq_forward_nfe"]),
         forward_residual=float(logs["deq_forward_residual"]),
@@ -138,11 +157,13 @@ def run(
         seconds_per_step=seconds / steps,
     )
     if per_epoch:
-        result["train_perplexity_per_epoch"] = [
-            float(np.exp(v)) for v in history["loss"]
-        ]
-        result["held_out_perplexity_per_epoch"] = [
-            float(np.exp(v)) for v in history["val_loss"]
+        for key, name in [
+            ("train_perplexity_per_epoch", "cross_entropy"),
+            ("held_out_perplexity_per_epoch", "val_cross_entropy"),
+        ]:
+            result[key] = [float(np.exp(v)) for v in history[name]]
+        result["train_objective_per_epoch"] = [
+            float(v) for v in history["loss"]
         ]
     if baseline:
         result["of_explicit"] = perplexity / result["explicit_perplexity"]
@@ -172,6 +193,7 @@ def main(argv):
                     _BASELINE.value,
                     json.loads(_MODEL_KWARGS.value),
                     per_epoch=_HISTORY.value,
+                    learning_rate=_LEARNING_RATE.value,
                 )
                 results.append(r)
                 explicit = f"{r['of_explicit']:.2f}" if _BASELINE.value else "-"

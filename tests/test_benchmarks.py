@@ -450,6 +450,7 @@ def test_lm_widths_script(tmp_path):
         "--epochs=2",
         "--baseline=false",
         "--history",
+        "--learning_rate=3e-3",
         '--model_kwargs={"max_iter": 4, "backward_max_iter": 4, "jac_freq": 1}',
         timing_flags=False,
     )
@@ -474,3 +475,9 @@ def test_lm_widths_script(tmp_path):
         run["held_out_perplexity_per_epoch"][-1], run["perplexity"], rtol=1e-5
     )
     assert "held_out perplexity per epoch" in stdout
+    # The flag reaches the optimizer.
+    np.testing.assert_allclose(run["learning_rate"], 3e-3, rtol=1e-6)
+    # The training perplexity is of the cross-entropy alone: with the
+    # penalty on every step (p = 1) the objective fit minimises is larger.
+    cross_entropy = np.log(run["train_perplexity_per_epoch"])
+    assert np.all(np.array(run["train_objective_per_epoch"]) > cross_entropy)
