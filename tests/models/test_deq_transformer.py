@@ -99,7 +99,7 @@ def test_softmax_head_is_the_transposed_embedding():
     assert len(vocab_sized) == 1
     ids = tokens(batch=2, length=5)
     features = keras.Model(
-        model.inputs, model.get_layer("output_dropout").output
+        model.input, model.get_layer("output_dropout").output
     )(ids, training=False).numpy()
     np.testing.assert_allclose(
         model(ids, training=False).numpy(),
