@@ -54,6 +54,18 @@ class DEQLayer(keras.layers.Layer):
     and penalty statistics in `evaluate` and in validation logs, the
     penalty while its gate stayed off.
 
+    Reading the residuals: a forward residual above `tol` means the solve
+    stopped at `max_iter` (or blew up: a state whose norm overflows reads
+    +inf, never converged) and the output is the lowest-residual iterate,
+    not a fixed point. A backward residual above `backward_tol` means the
+    implicit gradient's linear system was not solved: where the iteration
+    diverges (ρ(J_f(z*)) ≥ 1 with `backward_solver="fixed_point"`) the
+    gradient is the backward's best iterate, which can point the wrong way.
+    Either is a DEQ that is not a contraction at its equilibrium: add the
+    Jacobian penalty (`jac_weight`), use Broyden or Anderson for the
+    backward, or train with `gradient="phantom"`, which solves no linear
+    system.
+
     Jacobian regularization: while training, each call draws τ ~ Bernoulli(p)
     with p = `jac_freq`; when τ = 1 and γ = `jac_weight` > 0 the layer adds
     γ · mean over the batch of the Hutchinson estimate of ‖J_f(z*)‖_F² / d

@@ -567,3 +567,23 @@ def test_eager_calls_on_short_lived_variables():
         assert tape.gradient(out, variable).shape == x.shape
         del variable
         np.testing.assert_allclose(out, layer(x).numpy(), atol=1e-6)
+
+
+def test_a_diverging_forward_solve_is_not_reported_converged():
+    # relu(3(z + x)) with x > 0 triples z every step: plain iteration
+    # diverges (and overflows float32 after about 80 steps) with a relative
+    # residual of about 2/3 at every finite iterate.
+    block = keras.layers.Dense(
+        4,
+        activation="relu",
+        kernel_initializer=keras.initializers.Constant(3.0 * np.eye(4)),
+        bias_initializer="zeros",
+    )
+    layer = keras_deq.DEQLayer(block, solver="fixed_point", max_iter=200)
+    x = np.random.default_rng(0).uniform(0.5, 1.0, (16, 4))
+    z = layer(x.astype("float32")).numpy()
+    assert np.all(np.isfinite(z))
+    fz = np.maximum(3.0 * (z.astype(np.float64) + x), 0.0)
+    rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
+    assert np.all(rel > 0.6)
+    assert float(layer.forward_residual.result()) > 0.6

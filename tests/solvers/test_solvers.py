@@ -320,3 +320,32 @@ def test_a_stopped_row_resumes_when_the_rows_it_reads_move(name):
     assert np.all(residual < tol), (residual, result.nstep.numpy())
     np.testing.assert_allclose(result.abs_residual.numpy(), residual, atol=1e-9)
     np.testing.assert_allclose(z[1], 0.1 * z[0], atol=tol)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_an_overflowing_iteration_is_never_reported_converged(name, stop_mode):
+    # Plain iteration of z ← 2z + 1 doubles |z| every step: after about 60
+    # steps ‖f(z)‖ overflows float32 while ‖f(z) − z‖ does not, and a
+    # relative residual of finite / inf reads exactly 0. The root solvers
+    # find the (repelling) fixed point z = −1, which is a true solution.
+    result = solvers.get(name)(
+        lambda z: 2.0 * z + 1.0, tf.zeros([2, 3]), 200, 1e-6, stop_mode
+    )
+    z = result.z.numpy()
+    fz = 2.0 * z.astype(np.float64) + 1.0
+    # Residuals recomputed in float64 from the returned z: the reported ones
+    # must be those of z, and a sample under tol must really be a solution.
+    abs_res = np.linalg.norm(fz - z, axis=-1)
+    rel_res = abs_res / np.linalg.norm(fz, axis=-1)
+    assert np.all(np.isfinite(z))
+    np.testing.assert_allclose(result.abs_residual.numpy(), abs_res, rtol=1e-5)
+    np.testing.assert_allclose(
+        result.rel_residual.numpy(), rel_res, rtol=1e-5, atol=1e-7
+    )
+    if name == "fixed_point":
+        # z_k = 2^k − 1: the relative residual 2^k / (2^(k+1) − 1) > 0.5
+        # (0.5 once rounded to float32), far from tol.
+        assert np.all(result.rel_residual.numpy() >= 0.5)
+    else:
+        np.testing.assert_allclose(z, -1.0, atol=1e-5)
