@@ -92,7 +92,9 @@ class JacobianPenalty(keras.layers.Layer):
         """
         dtype = z_star.dtype
         gamma = tf.cast(self.weight, dtype)
-        draw = keras.random.uniform((), seed=self.seed_generator)
+        draw = keras.random.uniform(
+            (), dtype="float32", seed=self.seed_generator
+        )
         gate = tf.logical_and(draw < self.freq, gamma > 0)
 
         def penalty():

@@ -59,7 +59,9 @@ def residuals(z: tf.Tensor, fz: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     abs_res = tf.norm(fz - z, axis=-1)
     fz_norm = tf.norm(fz, axis=-1)
     rel_res = abs_res / (fz_norm + _NORM_EPS)
-    blown = ~(tf.math.is_finite(fz_norm) & tf.math.is_finite(tf.norm(z, axis=-1)))
+    blown = ~(
+        tf.math.is_finite(fz_norm) & tf.math.is_finite(tf.norm(z, axis=-1))
+    )
     inf = tf.constant(float("inf"), abs_res.dtype)
     return tf.where(blown, inf, abs_res), tf.where(blown, inf, rel_res)
 

@@ -587,3 +587,36 @@ def test_a_diverging_forward_solve_is_not_reported_converged():
     rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
     assert np.all(rel > 0.6)
     assert float(layer.forward_residual.result()) > 0.6
+
+
+@pytest.mark.parametrize("jac_weight", [0.0, 0.5])
+def test_trains_under_float64_floatx(jac_weight):
+    keras.config.set_floatx("float64")
+    try:
+        layer = keras_deq.DEQLayer(
+            TanhCell(units=3),
+            jac_weight=jac_weight,
+            tol=1e-10,
+            backward_tol=1e-10,
+            max_iter=60,
+        )
+        x = np.random.default_rng(0).normal(size=(2, 3))
+        z = layer(x, training=True)
+        assert z.dtype == "float64"
+        assert len(layer.losses) == 1
+        assert (float(layer.losses[0]) > 0) == (jac_weight > 0)
+        # The implicit gradient of a training call, in float64, against
+        # central differences of the solve itself.
+        weights = layer.block.trainable_variables
+
+        def value():
+            return float(tf.reduce_sum(layer(x, training=True) ** 2))
+
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        grads = tape.gradient(loss, weights)
+        expected = numerics.central_differences(value, weights, eps=1e-6)
+        for got, want in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(got.numpy(), want, atol=1e-7)
+    finally:
+        keras.config.set_floatx("float32")
