@@ -317,6 +317,15 @@ class DEQLayer(keras.layers.Layer):
         self._check_block_output(self._state_spec, z1)
         self._check_no_batch_statistics()
         self._check_sample_axes(self._state_spec)
+        # Keras then names this layer and both widths when a later input
+        # does not fit, before any solve is traced.
+        self.input_spec = keras.tree.map_shape_structure(
+            lambda shape: keras.InputSpec(
+                ndim=len(shape),
+                axes=None if shape[-1] is None else {-1: shape[-1]},
+            ),
+            x_shape,
+        )
         self.built = True
 
     @property
@@ -382,14 +391,25 @@ class DEQLayer(keras.layers.Layer):
             return self.block(z, x, training=training)
         try:
             tf.nest.assert_same_structure(z, x)
-            injected = tf.nest.map_structure(lambda a, b: a + b, z, x)
+            same = all(
+                tf.TensorShape(a.shape).is_compatible_with(b.shape)
+                for a, b in zip(tf.nest.flatten(z), tf.nest.flatten(x))
+            )
         except (ValueError, TypeError):
+            same = False
+        if not same:
             raise ValueError(
                 f"The block {self.block.name!r} takes one tensor, so it is "
                 "applied to z + x, which needs a state with the structure "
                 f"and shapes of the input. State: {_describe(z)}, input: "
                 f"{_describe(x)}."
-            ) from None
+            )
+        # The input joins the state in the state's dtype, as a Keras layer
+        # casts its inputs to its compute dtype: an integer input, or a
+        # float16 one from a mixed-precision DEQLayer around a float32 block.
+        injected = tf.nest.map_structure(
+            lambda a, b: a + keras.ops.cast(b, a.dtype), z, x
+        )
         return self.block(injected, training=training)
 
     def _check_block_output(self, z0, z1):
@@ -404,9 +424,19 @@ class DEQLayer(keras.layers.Layer):
         for path, a, b in zip(
             _paths(z0), tf.nest.flatten(z0), tf.nest.flatten(z1), strict=True
         ):
+            where = f" at {path}" if path else ""
+            if tf.as_dtype(a.dtype) != tf.as_dtype(b.dtype):
+                # A block that rounds the state to a narrower dtype limits
+                # the solve to that precision; a wider one changes it.
+                raise ValueError(
+                    f"The block must return a state with the dtype of its "
+                    f"input state{where}. State dtype: "
+                    f"{tf.as_dtype(a.dtype).name}, block output dtype: "
+                    f"{tf.as_dtype(b.dtype).name}. Cast the block's output "
+                    "to the state's dtype (the block's compute dtype)."
+                )
             a_shape, b_shape = tf.TensorShape(a.shape), tf.TensorShape(b.shape)
             if not a_shape[1:].is_compatible_with(b_shape[1:]):
-                where = f" at {path}" if path else ""
                 raise ValueError(
                     f"The block must return a state with the shape of its "
                     f"input state{where}. State shape: {_shape(a)}, block "

@@ -620,3 +620,57 @@ def test_trains_under_float64_floatx(jac_weight):
             np.testing.assert_allclose(got.numpy(), want, atol=1e-7)
     finally:
         keras.config.set_floatx("float32")
+
+
+def linear_one_tensor_block(width, seed=0, **kwargs):
+    """Dense((z + x) W) with ‖W‖ = 0.5, and z* = x W (I − W)⁻¹."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(width,) * 2))
+    w = 0.5 * q
+    block = keras.layers.Dense(
+        width,
+        use_bias=False,
+        kernel_initializer=keras.initializers.Constant(w),
+        **kwargs,
+    )
+    return block, lambda x: x @ w @ np.linalg.inv(np.eye(width) - w)
+
+
+@pytest.mark.parametrize(
+    "input_dtype, layer_dtype",
+    [("int32", None), ("float32", "mixed_float16"), ("float16", None)],
+)
+def test_inputs_of_another_dtype_are_cast_into_the_state(
+    input_dtype, layer_dtype
+):
+    # Integer inputs (a plain Dense takes them), and a mixed-precision
+    # DEQLayer around a float32 block: the input joins the float32 state.
+    block, exact = linear_one_tensor_block(5)
+    layer = keras_deq.DEQLayer(block, tol=1e-6, dtype=layer_dtype)
+    x = np.random.default_rng(1).integers(-3, 4, size=(4, 5))
+    z = layer(x.astype(input_dtype))
+    assert z.dtype == "float32"
+    np.testing.assert_allclose(z.numpy(), exact(x), atol=1e-4)
+
+
+def test_a_block_returning_another_dtype_is_refused():
+    class HalfCell(keras.layers.Layer):
+        def build(self, z_shape, x_shape):
+            self.dense = keras.layers.Dense(z_shape[-1], activation="tanh")
+
+        def call(self, z, x, training=None):
+            return tf.cast(self.dense(z) + x, "float16")
+
+    layer = keras_deq.DEQLayer(HalfCell(), tol=1e-6)
+    with pytest.raises(ValueError, match="dtype.*float32.*float16"):
+        layer(np.zeros((2, 4), "float32"))
+
+
+def test_an_input_of_the_wrong_width_names_the_layer_and_both_widths():
+    layer = keras_deq.DEQLayer(keras.layers.Dense(5), name="my_deq")
+    layer(np.zeros((1, 5), "float32"))
+    with pytest.raises(ValueError) as error:
+        layer(np.zeros((1, 6), "float32"))
+    message = str(error.value)
+    assert "my_deq" in message
+    assert "value 5" in message and "(1, 6)" in message
+    assert len(message.splitlines()) < 5
