@@ -34,7 +34,7 @@ def relative_error(logits, reference):
 
 def tight_logits(model, ids):
     """The full forward pass solved with `TIGHT`'s settings (restored)."""
-    deq = model.get_layer("deq")
+    deq = model.deq
     saved = {name: getattr(deq, name) for name in TIGHT}
     try:
         for name, value in TIGHT.items():
@@ -98,11 +98,9 @@ def agreement(model, prompts, new):
         "tokens_equal": float((cached == full)[:, length:].mean()),
         "logit_error_median": float(np.median(errors)),
         "logit_error_max": float(errors.max()),
-        "within_10_tol": float(
-            (errors <= 10 * model.get_layer("deq").tol).mean()
-        ),
+        "within_10_tol": float((errors <= 10 * model.deq.tol).mean()),
         "cached_exact_error_max": float(relative_error(steps, exact).max()),
         "full_exact_error_max": float(relative_error(reference, exact).max()),
         "tight": TIGHT,
-        "tol": float(model.get_layer("deq").tol),
+        "tol": float(model.deq.tol),
     }

@@ -117,9 +117,9 @@ def trained_model():
         model.fit(*train, batch_size=32, epochs=_EPOCHS.value, verbose=2)
         model.save_weights(_WEIGHTS.value)
     if _MAX_ITER.value is not None:
-        model.get_layer("deq").max_iter = _MAX_ITER.value
+        model.deq.max_iter = _MAX_ITER.value
     if _SOLVER.value is not None:
-        model.get_layer("deq").solver = _SOLVER.value
+        model.deq.solver = _SOLVER.value
     loss = model.evaluate(*test, batch_size=32, verbose=0, return_dict=True)
     return model, test[0], {"held_out_perplexity": float(np.exp(loss["loss"]))}
 

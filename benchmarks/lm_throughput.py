@@ -68,7 +68,7 @@ def main(argv):
             _REPEATS.value,
             _WARMUP.value,
         )
-        deq = model.get_layer("deq")
+        deq = model.deq
         results.append(
             {
                 "penalty": penalty,

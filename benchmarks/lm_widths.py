@@ -145,7 +145,7 @@ def run(
     )
     seconds = time.perf_counter() - start
     steps = epochs * -(-len(train[0]) // batch_size)
-    deq = model.get_layer("deq")
+    deq = model.deq
     result.update(
         perplexity=perplexity,
         of_unigram=perplexity / unigram,

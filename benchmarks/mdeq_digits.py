@@ -162,7 +162,7 @@ def train(
     )
     capped = {}
     if solve_cap and kind == "mdeq":
-        deq = model.get_layer("deq")
+        deq = model.deq
         own_cap, deq.max_iter = deq.max_iter, solve_cap
         model.test_function = None  # trace the evaluation again
         capped = model.evaluate(

@@ -65,6 +65,18 @@ def find_deq_layers(
         raise ValueError(
             f"The model {model.name!r} contains no keras_deq.DEQLayer."
         )
+    seen = [layer.name for layer in found]
+    shared = sorted({name for name in seen if seen.count(name) > 1})
+    if shared:
+        # Their statistics and γ logs would share names too, and `fit`
+        # keeps one value per name: one layer would go unseen.
+        raise ValueError(
+            f"The model {model.name!r} has several DEQLayers named "
+            f"{shared}; statistics are logged by layer name, so one of "
+            "them would be silently dropped. Give each DEQLayer its own "
+            "name (`name=` of DEQLayer, `deq_name=` of the keras_deq "
+            f"models). DEQLayer names: {seen}."
+        )
     if names is None:
         return found
     by_name = {layer.name: layer for layer in found}

@@ -54,7 +54,7 @@ def test_one_mirrored_epoch_through_the_real_pipeline_then_export(
     assert mirrored.num_replicas_in_sync == 2
     assert model.distribute_strategy is mirrored
     # Every variable has one copy per replica.
-    for w in model.get_layer("deq").block.trainable_weights:
+    for w in model.deq.block.trainable_weights:
         assert len(w.value.values) == 2
     history = result["history"]
     for key in [

@@ -104,7 +104,7 @@ def test_one_epoch_mirrored_then_keras_file_and_savedmodel(
     assert not [w for w in caught if "shuffle" in str(w.message)]
     model = result["model"]
     assert model.distribute_strategy is mirrored
-    for w in model.get_layer("deq").block.trainable_weights:
+    for w in model.deq.block.trainable_weights:
         assert len(w.value.values) == 2
     history = result["history"]
     for key in [

@@ -393,7 +393,9 @@ class DEQLayer(keras.layers.Layer):
             tf.nest.assert_same_structure(z, x)
             same = all(
                 tf.TensorShape(a.shape).is_compatible_with(b.shape)
-                for a, b in zip(tf.nest.flatten(z), tf.nest.flatten(x))
+                for a, b in zip(
+                    tf.nest.flatten(z), tf.nest.flatten(x), strict=True
+                )
             )
         except (ValueError, TypeError):
             same = False

@@ -63,13 +63,36 @@ def dtype_policy(dtype):
     return None if dtype is None else keras.dtype_policies.get(dtype)
 
 
+def deq_layer_name(deq_name: str | None) -> str:
+    """`deq_name`, or "deq", "deq_1", ... as Keras names unnamed layers.
+
+    Two models in one process (an ensemble, a teacher and a student) thus
+    get DEQLayers of different names, and so statistics of different names:
+    `fit` logs metrics by name and keeps one of two that share it.
+    """
+    if deq_name is not None:
+        if not isinstance(deq_name, str) or not deq_name:
+            raise ValueError(
+                "`deq_name` must be a non-empty string or None. Received: "
+                f"deq_name={deq_name!r}"
+            )
+        return deq_name
+    uid = keras.backend.get_uid("deq")
+    return "deq" if uid == 1 else f"deq_{uid - 1}"
+
+
 class ConfigMixin:
-    """`get_config` / `from_config` of a model over one `DEQLayer` "deq".
+    """`get_config` / `from_config` of a model over one `DEQLayer`.
 
     As keras-hub's backbones: the base config (name, trainable, dtype
     policy), the model's own arguments (`self._config`), and the layer's
-    DEQ settings as they are now.
+    name and DEQ settings as they are now.
     """
+
+    @property
+    def deq(self) -> DEQLayer:
+        """The model's `DEQLayer`."""
+        return self.get_layer(self._deq_name)
 
     def get_config(self):
         return {
@@ -77,7 +100,8 @@ class ConfigMixin:
             "trainable": self.trainable,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
             **self._config,
-            **current(self.get_layer("deq")),
+            "deq_name": self._deq_name,
+            **current(self.deq),
         }
 
     @classmethod

@@ -331,7 +331,7 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
     √hidden_dim) and given sinusoidal positions (keras-hub
     `SinePositionEncoding`), so any length works; after variational dropout
     a weight-normalised Dense projection of this sequence is the injection
-    x of one `DEQLayer` (named `"deq"`) over a `DEQTransformerBlock`, whose
+    x of one `DEQLayer` (`model.deq`) over a `DEQTransformerBlock`, whose
     equilibrium z* = f_θ(z*, x) replaces a deep stack of weight-tied
     layers. The softmax head is the embedding matrix transposed (the same
     `ReversibleEmbedding`, tied).
@@ -407,6 +407,11 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
             `dropout` also on the embedded input and before the head).
         seed: int seed of initialisers, dropout and the `DEQLayer`'s
             penalty draws.
+        deq_name: name of the model's `DEQLayer`, which prefixes its
+            statistics (`{deq_name}_forward_nfe`, ...). Defaults to `None`:
+            `"deq"`, or `"deq_1"`, `"deq_2"`, ... for later models in the
+            process, so that two models trained together (an ensemble, a
+            teacher and a student) log both layers' statistics.
         **kwargs: any `DEQLayer` argument but `seed` (`solver`, `max_iter`,
             `tol`, `gradient`, `jac_weight`, ...; see `DEQ_DEFAULTS`), and
             `keras.Model` arguments (`name`, `dtype`, `trainable`).
@@ -436,6 +441,7 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
         init_stddev: float | None = None,
         layer_norm_epsilon: float = 1e-5,
         seed: int | None = None,
+        deq_name: str | None = None,
         **kwargs,
     ):
         keras_hub = _keras_hub()
@@ -460,7 +466,14 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
             dtype=dtype,
             name="transformer_block",
         )
-        deq = DEQLayer(block, seed=seed, dtype=dtype, name="deq", **deq_options)
+        deq_name = _deq_options.deq_layer_name(deq_name)
+        deq = DEQLayer(
+            block,
+            seed=seed,
+            dtype=dtype,
+            name=deq_name,
+            **deq_options,
+        )
         embedding = keras_hub.layers.ReversibleEmbedding(
             vocab_size,
             hidden_dim,
@@ -507,6 +520,7 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
             "linear", dtype="float32", name="logits"
         )(logits)
         super().__init__(tokens, logits, **kwargs)
+        self._deq_name = deq_name
         if dtype is not None:  # Functional drops it, as keras-hub notes
             self.dtype_policy = dtype
         self._config = {
@@ -544,14 +558,14 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
         return self._next_logits(tf.convert_to_tensor(token_ids, tf.int32))
 
     def _memory_spec(self):
-        dtype = self.get_layer("deq").block.compute_dtype
+        dtype = self.deq.block.compute_dtype
         return tf.TensorSpec(
             [None, None, 2 * self._config["hidden_dim"]], dtype, name="memory"
         )
 
     def _solve_new(self, token_ids, memory, memory_length=None):
         """Logits `[B, S, vocab]` of new positions and their memory."""
-        deq = self.get_layer("deq")
+        deq = self.deq
         block = deq.block
         if memory_length is None:
             start = tf.shape(memory)[1]

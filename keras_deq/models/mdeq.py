@@ -349,7 +349,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
     solver_options={"m": 5})`), applied over `DEQ_DEFAULTS`; `get_config`
     saves them with their current values (γ and p as callbacks left them).
 
-    The model is functional (`model.get_layer("deq")` is the DEQLayer), so
+    The model is functional (`model.deq` is the DEQLayer), so
     `.keras` files, `model.export` and the `keras_deq.callbacks` work on it.
 
     Args:
@@ -360,6 +360,11 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             `MDEQBlock`.
         seed: int seed of initialisers, dropout and the `DEQLayer`'s
             penalty draws.
+        deq_name: name of the model's `DEQLayer`, which prefixes its
+            statistics (`{deq_name}_forward_nfe`, ...). Defaults to `None`:
+            `"deq"`, or `"deq_1"`, `"deq_2"`, ... for later models in the
+            process, so that two models trained together (an ensemble, a
+            teacher and a student) log both layers' statistics.
         **kwargs: any `DEQLayer` argument but `seed` (`solver`, `max_iter`,
             `tol`, `gradient`, `jac_weight`, ...; see `DEQ_DEFAULTS`), and
             `keras.Model` arguments (`name`, `dtype`, `trainable`).
@@ -396,6 +401,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         weight_norm: bool = True,
         init_stddev: float = 0.05,
         seed: int | None = None,
+        deq_name: str | None = None,
         **kwargs,
     ):
         deq_options = _deq_options.take(self.DEQ_DEFAULTS, kwargs)
@@ -460,7 +466,14 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             dtype=dtype,
             name="mdeq_block",
         )
-        deq = DEQLayer(block, seed=seed, dtype=dtype, name="deq", **deq_options)
+        deq_name = _deq_options.deq_layer_name(deq_name)
+        deq = DEQLayer(
+            block,
+            seed=seed,
+            dtype=dtype,
+            name=deq_name,
+            **deq_options,
+        )
         states = deq(injections)
         pooled = [
             keras.layers.GlobalAveragePooling2D(dtype=dtype, name=f"pool{i}")(s)
@@ -476,6 +489,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             name="logits",
         )(features)
         super().__init__(images, logits, **kwargs)
+        self._deq_name = deq_name
         if dtype is not None:  # Functional drops it, as keras-hub notes
             self.dtype_policy = dtype
         self._config = {

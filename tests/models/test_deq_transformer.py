@@ -211,10 +211,8 @@ def test_default_penalty_strength_follows_the_width(hidden_dim, expected):
     """γ = 1.6 at the paper's width 700 and above, 1.6·√(d/700) below it."""
     small = dict(num_heads=2, intermediate_dim=8, seed=0)
     model = DEQTransformerLM(VOCAB, hidden_dim=hidden_dim, **small)
-    deq = model.get_layer("deq")
+    deq = model.deq
     np.testing.assert_allclose(float(deq.jac_weight.numpy()), expected, 1e-6)
     assert model.get_config()["jac_weight"] == pytest.approx(expected, 1e-6)
     given = DEQTransformerLM(VOCAB, hidden_dim=64, jac_weight=0.3, **small)
-    assert float(given.get_layer("deq").jac_weight.numpy()) == pytest.approx(
-        0.3
-    )
+    assert float(given.deq.jac_weight.numpy()) == pytest.approx(0.3)

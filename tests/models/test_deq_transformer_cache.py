@@ -117,7 +117,7 @@ def test_trained_model_generates_the_same_text_with_the_cache(trained):
     are within that of each other.
     """
     model, held_out = trained
-    tol = model.get_layer("deq").tol
+    tol = model.deq.tol
     rows = np.random.default_rng(1).choice(len(held_out), 20, replace=False)
     result = agreement(model, held_out[rows, :32].astype(np.int32), 32)
     print(result)

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_deq
+from keras_deq.callbacks import AdaptiveJacobian
 from keras_deq.models import MDEQClassifier
 
 SMALL = dict(widths=(8, 16), expansion=1, num_groups=4, seed=0)
@@ -38,7 +39,7 @@ def init_stddev(deq):
 
 def test_default_model_has_four_resolutions_and_its_documented_defaults():
     model = MDEQClassifier(10, seed=0)
-    deq = model.get_layer("deq")
+    deq = model.deq
     shapes = [tuple(t.shape) for t in deq.output]
     assert shapes == [
         (None, 32, 32, 28),
@@ -58,7 +59,7 @@ def test_default_model_has_four_resolutions_and_its_documented_defaults():
 
 def test_paper_configuration_is_table4():
     model = MDEQClassifier(10, seed=0, **MDEQClassifier.PAPER_CIFAR10)
-    deq = model.get_layer("deq")
+    deq = model.deq
     check_table4_solver_and_penalty(deq)
     assert deq.gradient == "implicit"
     dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
@@ -72,7 +73,7 @@ def test_forward_output_is_a_fixed_point_of_the_block():
     # The paper's initialisation, where f is a contraction (test below).
     model = MDEQClassifier(3, max_iter=60, tol=1e-5, init_stddev=0.01, **SMALL)
     x = images()
-    deq = model.get_layer("deq")
+    deq = model.deq
     injections = keras.Model(model.input, deq.input)(x)
     z = deq(injections)
     fz = deq.block(z, injections)
@@ -102,7 +103,7 @@ def test_keras_file_and_saved_model_give_identical_predictions(tmp_path):
 @pytest.mark.large
 def test_unrolled_pretraining_switches_after_the_given_steps():
     model = MDEQClassifier(3, gradient="implicit", **SMALL)
-    deq = model.get_layer("deq")
+    deq = model.deq
     model.compile(
         optimizer="adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -158,7 +159,7 @@ def test_spectral_radius_at_initialisation(init_stddev, bound):
         init_stddev=init_stddev,
         seed=0,
     )
-    deq = model.get_layer("deq")
+    deq = model.deq
     injections = keras.Model(model.input, deq.input)(images(4))
     radius = deq.spectral_radius(injections, num_iters=50).numpy()
     assert np.all(radius < bound), radius
@@ -177,7 +178,7 @@ def test_spectral_radius_monitor_runs_the_power_method_in_a_graph():
     monitor.on_train_begin()
     logs = {}
     monitor.on_epoch_end(0, logs)
-    deq = model.get_layer("deq")
+    deq = model.deq
     eager = deq.spectral_radius(
         keras.Model(model.input, deq.input)(x), num_iters=20
     )
@@ -191,13 +192,13 @@ def test_phantom_gradient_settings_reach_the_layer_and_the_config():
     model = MDEQClassifier(
         10, gradient="phantom", phantom_steps=3, phantom_tau=0.8, **SMALL
     )
-    deq = model.get_layer("deq")
+    deq = model.deq
     assert (deq.gradient, deq.phantom_steps, deq.phantom_tau) == (
         "phantom",
         3,
         0.8,
     )
-    again = MDEQClassifier.from_config(model.get_config()).get_layer("deq")
+    again = MDEQClassifier.from_config(model.get_config()).deq
     assert (again.phantom_steps, again.phantom_tau) == (3, 0.8)
     with pytest.raises(ValueError, match="phantom_tau"):
         MDEQClassifier(10, phantom_tau=1.5, **SMALL)
@@ -245,3 +246,48 @@ def test_group_norm_on_another_axis_is_keras_own():
     ours = GroupNorm(3, axis=1)
     theirs = keras.layers.GroupNormalization(3, axis=1)
     np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), atol=1e-6)
+
+
+def test_an_ensemble_of_two_models_logs_and_steers_each_layer():
+    # Unrolled at 3 and 9 steps, the forward NFE is exactly max_iter.
+    small = dict(SMALL, input_shape=(8, 8, 3), tol=1e-12)
+    first = MDEQClassifier(3, max_iter=3, **small)
+    second = MDEQClassifier(3, max_iter=9, **small)
+    assert (first.deq.name, second.deq.name) == ("deq", "deq_1")
+    named = MDEQClassifier(3, deq_name="teacher_deq", **small)
+    assert named.deq.name == "teacher_deq"
+    assert named.get_config()["deq_name"] == "teacher_deq"
+
+    inputs = keras.Input((8, 8, 3))
+    logits = keras.layers.Average()([first(inputs), second(inputs)])
+    ensemble = keras.Model(inputs, logits)
+    ensemble.compile(
+        optimizer=keras.optimizers.SGD(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = images(n=8, size=8)
+    y = np.arange(8) % 3
+    adaptive = AdaptiveJacobian(target_nfe=5.0, factor=2.0, margin=1.0)
+    history = ensemble.fit(
+        x, y, batch_size=4, epochs=1, verbose=0, callbacks=[adaptive]
+    ).history
+    assert history["deq_forward_nfe"] == [3.0]
+    assert history["deq_1_forward_nfe"] == [9.0]
+    # Each γ moved by its own layer's NFE: 3 < 5 − 1 halves the default
+    # 0.5, 9 > 5 doubles it.
+    assert float(first.deq.jac_weight.numpy()) == pytest.approx(0.25)
+    assert float(second.deq.jac_weight.numpy()) == pytest.approx(1.0)
+
+
+def test_callbacks_refuse_two_deq_layers_of_one_name():
+    small = dict(SMALL, input_shape=(8, 8, 3))
+    first = MDEQClassifier(3, deq_name="deq", **small)
+    second = MDEQClassifier(3, deq_name="deq", **small)
+    inputs = keras.Input((8, 8, 3))
+    ensemble = keras.Model(
+        inputs, keras.layers.Average()([first(inputs), second(inputs)])
+    )
+    adaptive = AdaptiveJacobian(target_nfe=5.0)
+    adaptive.set_model(ensemble)
+    with pytest.raises(ValueError, match=r"several DEQLayers named \['deq'\]"):
+        adaptive.on_train_begin()

@@ -45,7 +45,7 @@ CASES = {
 
 
 def deq_settings(model):
-    config = model.get_layer("deq").get_config()
+    config = model.deq.get_config()
     return {name: config[name] for name in NON_DEFAULT}
 
 
@@ -55,7 +55,7 @@ def test_float64_model_with_non_default_deq_settings_round_trips(
 ):
     build, inputs = CASES[name]
     model = build(dtype="float64", trainable=False, **NON_DEFAULT)
-    deq = model.get_layer("deq")
+    deq = model.deq
     settings = deq_settings(model)
     assert settings == NON_DEFAULT  # 0.25 and 0.5 are exact in float32
     # A callback's change to γ is what the config saves.
@@ -68,7 +68,7 @@ def test_float64_model_with_non_default_deq_settings_round_trips(
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert loaded.dtype_policy.name == "float64"
-    assert loaded.get_layer("deq").block.compute_dtype == "float64"
+    assert loaded.deq.block.compute_dtype == "float64"
     assert not loaded.trainable
     assert deq_settings(loaded) == {**settings, "jac_weight": 0.125}
     assert loaded.get_config() == model.get_config()
@@ -81,7 +81,7 @@ def test_float64_model_with_non_default_deq_settings_round_trips(
 def test_the_defaults_are_stated_once_and_reach_the_layer(name):
     build, _ = CASES[name]
     model = build()
-    config = model.get_layer("deq").get_config()
+    config = model.deq.get_config()
     defaults = type(model).DEQ_DEFAULTS
     for key, value in defaults.items():
         if value is not None:
