@@ -8,10 +8,11 @@ import tensorflow as tf
 from keras_deq import jacobian
 from keras_deq.utils import validation
 from keras_deq.utils.metrics import MeasuredMean
+from keras_deq.utils.seeds import SavedSeedState
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class JacobianPenalty(keras.layers.Layer):
+class JacobianPenalty(SavedSeedState, keras.layers.Layer):
     """γ · mean ‖J_f(z*)‖_F² / d, computed with probability p per step.
 
     Each call of `loss` draws τ ~ Bernoulli(p); when τ = 1 and γ > 0 it
@@ -24,7 +25,9 @@ class JacobianPenalty(keras.layers.Layer):
     γ and p are the non-trainable float32 variables `weight` and `freq`,
     created with the layer: callbacks assign them during `fit` without
     retracing, checkpoints save them, and `get_config` reports their
-    current values. A `DEQLayer` owns one (`layer.jacobian_penalty`) and
+    current values. Checkpoints also save the state of the gate's and
+    probes' draws, so a resumed run draws what an uninterrupted one would.
+    A `DEQLayer` owns one (`layer.jacobian_penalty`) and
     calls `loss` once per training call, at z*.
 
     Args:

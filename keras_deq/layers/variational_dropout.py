@@ -6,10 +6,11 @@ import keras
 import tensorflow as tf
 
 from keras_deq.utils import validation
+from keras_deq.utils.seeds import SavedSeedState
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class VariationalDropout(keras.layers.Layer):
+class VariationalDropout(SavedSeedState, keras.layers.Layer):
     """Dropout whose mask stays fixed for a whole DEQ solve.
 
     Ordinary dropout draws a new mask on every call, so inside a DEQ block
@@ -25,7 +26,9 @@ class VariationalDropout(keras.layers.Layer):
     the other axes, as in the variational dropout of DEQ-Transformer and
     MDEQ: `[B, C]` for 2-D inputs, `[B, 1, C]` for sequences, `[B, 1, 1, C]`
     for images. Kept units are scaled by 1 / (1 − rate). At inference
-    (`training` false) the layer is the identity.
+    (`training` false) the layer is the identity. Checkpoints save the
+    state of its mask draws, so a resumed run draws the masks an
+    uninterrupted one would.
 
     Args:
         rate: fraction of channels to drop, in [0, 1).
