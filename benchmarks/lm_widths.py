@@ -153,7 +153,7 @@ def run(
         jac_weight=float(deq.jac_weight),
         forward_nfe=float(logs["deq_forward_nfe"]),
         forward_residual=float(logs["deq_forward_residual"]),
-        min_jac_loss=float(min(history["deq_jac_loss"])),
+        min_jac_loss=float(min(history.get("deq_jac_loss", [float("nan")]))),
         seconds_per_step=seconds / steps,
     )
     if per_epoch:

@@ -226,8 +226,8 @@ def _progress(gamma, epochs, every=10):
     def report(epoch, logs):
         if (epoch + 1) % every and epoch + 1 != epochs:
             return
-        # NaN: the penalty's gate stayed off, nothing was measured.
-        penalty = logs["deq_jac_loss"]
+        # Absent: γ = 0, the penalty is off; NaN: its gate stayed off.
+        penalty = logs.get("deq_jac_loss", float("nan"))
         penalty = "off" if np.isnan(penalty) else f"{penalty:.4f}"
         print(
             f"  γ = {gamma:g}  epoch {epoch + 1:>3}/{epochs}  loss "

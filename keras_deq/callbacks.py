@@ -89,6 +89,20 @@ def find_deq_layers(
     return [by_name[name] for name in names]
 
 
+def _steer(model: keras.Model, layers: Sequence[DEQLayer]) -> None:
+    """Marks the layers' penalties as steered by a callback.
+
+    From then on their training steps log the penalty's metric, also while
+    γ is still 0 (a schedule that starts there); a train function traced
+    before, without it, is traced again.
+    """
+    newly = [layer for layer in layers if not layer.jacobian_penalty.steered]
+    for layer in newly:
+        layer.jacobian_penalty.steered = True
+    if newly and model.train_function is not None:
+        model.make_train_function(force=True)
+
+
 def _value(variable) -> float:
     return float(keras.ops.convert_to_numpy(variable))
 
@@ -174,6 +188,10 @@ class JacobianSchedule(_DEQCallback):
             else validation.check_int("stop_epoch", stop_epoch, 0)
         )
         self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        _steer(self.model, self.targets())
 
     def _apply(self, progress: float):
         stopped = self.stop_epoch is not None and self._epoch >= self.stop_epoch
@@ -289,6 +307,7 @@ class AdaptiveJacobian(_DEQCallback):
                     "its jac_freq is 0, so the penalty is never computed. "
                     "Construct it with jac_freq > 0."
                 )
+        _steer(self.model, self.targets())
         self._reset()
 
     def _reset(self):

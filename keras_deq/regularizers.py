@@ -68,7 +68,33 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
             seed, name="jac_seed_generator"
         )
         self.metric = MeasuredMean(name=metric_name or f"{self.name}_value")
+        # Set by a DEQLayer that logs `metric` through its own report, and
+        # by callbacks that may turn the penalty on during `fit`.
+        self.reported_by_owner = False
+        self.steered = False
         self.built = True
+
+    @property
+    def metrics(self):
+        return [] if self.reported_by_owner else [self.metric]
+
+    def may_be_on(self) -> bool:
+        """Whether a training step can compute the penalty.
+
+        True while γ > 0 and p > 0, or once a callback steers γ and p
+        (`steered`, set by `keras_deq.callbacks.JacobianSchedule` and
+        `AdaptiveJacobian`). Read when a training step is traced: the
+        penalty's metric is logged by steps that can compute it.
+        """
+        if self.steered:
+            return True
+        # The variables' current values, also while a step is traced.
+        with tf.init_scope():
+            weight, freq = (
+                float(keras.ops.convert_to_numpy(v))
+                for v in (self.weight, self.freq)
+            )
+        return weight > 0 and freq > 0
 
     def _variable(self, name, value):
         return self.add_weight(

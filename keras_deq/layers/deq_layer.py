@@ -17,6 +17,7 @@ from keras_deq.regularizers import JacobianPenalty
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 from keras_deq.utils.metrics import MeasuredMean
+from keras_deq.utils.metrics import StatisticsReport
 from keras_deq.utils.state import StateFlattener
 
 # Eager calls run the forward solve through a `tf.function` (an eager
@@ -49,10 +50,15 @@ class DEQLayer(keras.layers.Layer):
     the block per sample and mean relative residual of the forward solve),
     with implicit gradients `{name}_backward_nfe` and
     `{name}_backward_residual`, and `{name}_jac_loss`, the Jacobian penalty
-    averaged over the training steps that computed it. A statistic that
-    nothing measured since its last reset reads NaN, never 0: the backward
-    and penalty statistics in `evaluate` and in validation logs, the
-    penalty while its gate stayed off.
+    averaged over the training steps that computed it. The logs hold what
+    a step can measure: `evaluate`, `predict` and validation the forward
+    statistics only; training the backward ones with a gradient kind that
+    solves a backward (not in an unrolled pretraining phase), and the
+    penalty while γ > 0 and p > 0 or while a callback steers them (a
+    `JacobianSchedule` from γ = 0 included). A statistic that could have
+    been measured and was not reads NaN, never 0: the penalty while its
+    gate stayed off. `model.summary()` counts γ and p (below) as the
+    layer's 2 non-trainable parameters.
 
     Reading the residuals: a forward residual above `tol` means the solve
     stopped at `max_iter` (or blew up: a state whose norm overflows reads
@@ -285,11 +291,18 @@ class DEQLayer(keras.layers.Layer):
         self.forward_residual = MeasuredMean(
             name=f"{self.name}_forward_residual"
         )
+        statistics = [self.forward_nfe, self.forward_residual, self.jac_loss]
         if gradients.reports_backward(gradient):
             self.backward_nfe = MeasuredMean(name=f"{self.name}_backward_nfe")
             self.backward_residual = MeasuredMean(
                 name=f"{self.name}_backward_residual"
             )
+            statistics += [self.backward_nfe, self.backward_residual]
+        self.jacobian_penalty.reported_by_owner = True
+        self._statistics_report = StatisticsReport(
+            statistics, self._shown_statistics, name=f"{self.name}_statistics"
+        )
+        self._traced_training = False
         self._state_spec = None
         self._training_overrides = {}
 
@@ -327,6 +340,31 @@ class DEQLayer(keras.layers.Layer):
             x_shape,
         )
         self.built = True
+
+    @property
+    def metrics(self):
+        # The statistics go through one report, which logs those that the
+        # call being traced (or run) can measure; see `_shown_statistics`.
+        own = [self._statistics_report]
+        return own + [
+            metric
+            for layer in self._layers
+            if layer is not self.jacobian_penalty
+            for metric in layer.metrics
+        ]
+
+    def _shown_statistics(self):
+        shown = [self.forward_nfe, self.forward_residual]
+        if not self._traced_training:
+            return shown
+        gradient = self._training_overrides.get("gradient", self.gradient)
+        if hasattr(self, "backward_nfe") and gradients.reports_backward(
+            gradient
+        ):
+            shown += [self.backward_nfe, self.backward_residual]
+        if self.jacobian_penalty.may_be_on():
+            shown.append(self.jac_loss)
+        return shown
 
     @property
     def jac_weight(self):
@@ -601,6 +639,9 @@ class DEQLayer(keras.layers.Layer):
         return dict(self._training_overrides)
 
     def call(self, x, training=None, initial_state=None):
+        # The phase whose statistics the metrics report logs (the report is
+        # read in the same traced step as this call).
+        self._traced_training = bool(training)
         overrides = self._training_overrides if training else {}
         gradient = overrides.get("gradient", self.gradient)
         max_iter = overrides.get("max_iter", self.max_iter)

@@ -419,21 +419,65 @@ def test_one_tensor_block_needs_matching_shapes_and_other_calls_raise():
         keras_deq.DEQLayer(ThreeInputs())
 
 
-def test_statistics_nothing_measured_read_nan_not_zero():
+def test_logs_show_what_each_phase_measures():
     x, y = data(n=64)
     model = compile_model(classifier(jac_weight=0.5))
     history = model.fit(
         x, y, batch_size=32, epochs=1, verbose=0, validation_data=(x, y)
     ).history
-    # Training measured everything; validation only the forward solve.
-    for key in ("backward_nfe", "backward_residual", "jac_loss"):
+    # Training measured everything; validation only the forward solve, so
+    # it logs no backward or penalty columns (they could only read NaN).
+    for key in ("forward_nfe", "backward_nfe", "backward_residual", "jac_loss"):
         assert np.isfinite(history[f"deq_{key}"][0]), key
-        assert np.isnan(history[f"val_deq_{key}"][0]), key
     assert np.isfinite(history["val_deq_forward_nfe"][0])
+    assert np.isfinite(history["val_deq_forward_residual"][0])
+    assert sorted(k for k in history if k.startswith("val_")) == [
+        "val_deq_forward_nfe",
+        "val_deq_forward_residual",
+        "val_loss",
+    ]
     logs = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert sorted(logs) == ["deq_forward_nfe", "deq_forward_residual", "loss"]
     assert logs["deq_forward_nfe"] >= 1
-    for key in ("backward_nfe", "backward_residual", "jac_loss"):
-        assert np.isnan(logs[f"deq_{key}"]), key
+    # A statistic that could have been measured and was not reads NaN,
+    # never 0: the layer's metric itself, after evaluate reset it.
+    assert np.isnan(model.get_layer("deq").backward_nfe.result().numpy())
+
+
+def test_no_penalty_column_while_nothing_can_turn_the_penalty_on():
+    x, y = data(n=64)
+    fit = dict(batch_size=32, verbose=0)
+    off = compile_model(classifier()).fit(x, y, epochs=1, **fit).history
+    assert "deq_jac_loss" not in off
+    never = compile_model(classifier(jac_weight=0.5, jac_freq=0.0))
+    assert "deq_jac_loss" not in never.fit(x, y, epochs=1, **fit).history
+    # A schedule from γ = 0 can turn it on: the column is there from the
+    # start, NaN while the gate could not fire, then the penalty.
+    model = compile_model(classifier())
+    model.fit(x, y, epochs=1, **fit)  # traced without the column first
+    schedule = keras_deq.callbacks.JacobianSchedule(0.0, 1.0, epochs=1)
+    history = model.fit(x, y, epochs=2, callbacks=[schedule], **fit).history
+    assert np.isnan(history["deq_jac_loss"][0])
+    assert history["deq_jac_loss"][1] > 0
+
+
+def test_no_backward_columns_for_kinds_or_phases_without_a_backward():
+    x, y = data(n=64)
+    fit = dict(batch_size=32, verbose=0)
+    phantom = compile_model(classifier(gradient="phantom"))
+    history = phantom.fit(x, y, epochs=1, **fit).history
+    assert sorted(history) == [
+        "deq_forward_nfe",
+        "deq_forward_residual",
+        "loss",
+    ]
+    # Unrolled pretraining over the whole first epoch: its logs have no
+    # backward; the implicit epoch after it has.
+    model = compile_model(classifier())
+    pretraining = keras_deq.callbacks.UnrolledPretraining(steps=2)
+    history = model.fit(x, y, epochs=2, callbacks=[pretraining], **fit)
+    assert len(history.history["deq_backward_nfe"]) == 1
+    assert history.history["deq_backward_nfe"][0] >= 1
 
 
 def test_an_empty_batch_with_the_penalty_on_adds_zero():
