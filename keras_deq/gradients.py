@@ -21,6 +21,7 @@ signature, `kind(problem) -> (z, forward)`:
 (and saves by name: register it before loading a model that uses it).
 """
 
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -292,6 +293,36 @@ def implicit(
         return tf.identity(z), grad
 
     return attach(z_out)
+
+
+class _SecondOrderOnlyWarning(logging.Filter):
+    """Drops TensorFlow's load-time warning about the refusal below.
+
+    A SavedModel saves the implicit gradient (a model's exported `serve`
+    is differentiated exactly as the live model), but not the custom
+    gradient inside that gradient function, `_first_order`'s refusal of
+    second-order gradients: TensorFlow does not save gradients of gradient
+    functions, and a refusal could not be traced anyway. Loading then warns
+    that a gradient "will likely fail" for each `internal_grad_fn` holding
+    it, which reads as if first-order gradients were broken. Only a
+    gradient of the gradient fails (refused, as in the live model), so the
+    warning about gradient functions says nothing a user can act on; any
+    other function's warning passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith(
+                "Importing a function (%s) with ops with unsaved custom "
+                "gradients"
+            )
+            and bool(record.args)
+            and "internal_grad_fn" in str(record.args[0])
+        )
+
+
+# TensorFlow's SavedModel loader logs through absl's logger.
+logging.getLogger("absl").addFilter(_SecondOrderOnlyWarning())
 
 
 @tf.custom_gradient

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import keras
 import numpy as np
@@ -186,6 +187,52 @@ def test_saved_model_export_serves_the_same_outputs(tmp_path):
     np.testing.assert_allclose(
         served.serve(x[:5]).numpy(), expected[:5], atol=1e-5
     )
+
+
+def test_gradients_through_a_loaded_export_match_the_live_model(
+    tmp_path, caplog
+):
+    x = tf.constant(data()[0][:6])
+    model = classifier(tol=1e-6, backward_tol=1e-8, max_iter=60)
+
+    def input_gradient(serve):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(serve(x) ** 2)
+        return tape.gradient(loss, x).numpy()
+
+    live = input_gradient(model)
+    model.export(tmp_path / "served", verbose=False)
+    with caplog.at_level("WARNING"):
+        served = tf.saved_model.load(str(tmp_path / "served"))
+    # The saved implicit gradient, not the Jacobian-free one that
+    # differentiating f(z*) alone would give (checked to differ below).
+    np.testing.assert_allclose(input_gradient(served.serve), live, atol=1e-5)
+    layer = model.get_layer("deq")
+    jacobian_free = keras_deq.DEQLayer(
+        layer.block, gradient="phantom", tol=1e-6, max_iter=60
+    )
+    phantom = keras.Sequential(
+        [keras.Input((4,)), jacobian_free, model.layers[-1]]
+    )
+    assert np.abs(input_gradient(phantom) - live).max() > 1e-3
+    assert not [r for r in caplog.records if "custom gradients" in r.message]
+
+
+def test_only_the_gradient_function_warning_is_silenced():
+    from keras_deq.gradients import _SecondOrderOnlyWarning
+
+    template = (
+        "Importing a function (%s) with ops with unsaved custom gradients. "
+        "Will likely fail if a gradient is requested."
+    )
+
+    def record(name):
+        return logging.LogRecord("absl", 30, "", 0, template, (name,), None)
+
+    keep = _SecondOrderOnlyWarning().filter
+    assert not keep(record("__inference_internal_grad_fn_8058"))
+    assert keep(record("__inference_serving_default_512"))
 
 
 def test_mixed_precision_solves_in_float32_and_returns_float16():
