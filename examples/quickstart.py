@@ -39,32 +39,26 @@ def define_flags():
     )
     flags.DEFINE_integer("max_iter", 20, "Forward solver iterations.")
     flags.DEFINE_float("tol", 1e-3, "Forward relative tolerance.")
+    flags.DEFINE_float("learning_rate", 1e-2, "Adam's initial learning rate.")
+    flags.DEFINE_float("jac_weight", 0.0, "Jacobian penalty strength γ.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
 @keras.saving.register_keras_serializable(package="keras_deq_examples")
 class Cell(keras.layers.Layer):
-    """z ← LayerNorm(tanh(W z) + x): one weight-tied layer."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.norm = keras.layers.LayerNormalization(
-            name="norm", dtype=self.dtype_policy
-        )
+    """z ← tanh(W z + b + x): one weight-tied layer, the input injected."""
 
     def build(self, z_shape, x_shape):
         self.dense = keras.layers.Dense(
             z_shape[-1],
-            activation="tanh",
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.05),
             name="dense",
             dtype=self.dtype_policy,
         )
         self.dense.build(z_shape)
-        self.norm.build(z_shape)
 
     def call(self, z, x, training=None):
-        return self.norm(self.dense(z) + x)
+        return keras.ops.tanh(self.dense(z) + x)
 
 
 def make_spirals(num_samples, num_classes=3, noise=0.15, seed=0):
@@ -78,13 +72,18 @@ def make_spirals(num_samples, num_classes=3, noise=0.15, seed=0):
     return points.astype("float32"), labels.astype("int32")
 
 
-def build_model(hidden, solver, max_iter, tol, num_classes=3):
+def build_model(hidden, solver, max_iter, tol, jac_weight=0.0, num_classes=3):
     model = keras.Sequential(
         [keras.Input((2,)), keras.layers.Dense(hidden, name="encoder")]
     )
     model.add(
         keras_deq.DEQLayer(
-            Cell(), solver=solver, max_iter=max_iter, tol=tol, name="deq"
+            Cell(),
+            solver=solver,
+            max_iter=max_iter,
+            tol=tol,
+            jac_weight=jac_weight,
+            name="deq",
         )
     )
     model.add(keras.layers.Dense(num_classes, name="head"))
@@ -99,6 +98,8 @@ def run(
     solver="broyden",
     max_iter=20,
     tol=1e-3,
+    learning_rate=1e-2,
+    jac_weight=0.0,
     seed=0,
     verbose=2,
 ):
@@ -106,11 +107,11 @@ def run(
     keras.utils.set_random_seed(seed)
     x, y = make_spirals(num_samples, seed=seed)
     split = int(0.8 * num_samples)
-    model = build_model(hidden, solver, max_iter, tol)
+    model = build_model(hidden, solver, max_iter, tol, jac_weight)
     steps = epochs * -(-split // batch_size)
     model.compile(
         optimizer=keras.optimizers.Adam(
-            keras.optimizers.schedules.CosineDecay(1e-2, steps)
+            keras.optimizers.schedules.CosineDecay(learning_rate, steps)
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
@@ -145,6 +146,8 @@ def main(argv):
         solver=FLAGS.solver,
         max_iter=FLAGS.max_iter,
         tol=FLAGS.tol,
+        learning_rate=FLAGS.learning_rate,
+        jac_weight=FLAGS.jac_weight,
         seed=FLAGS.seed,
     )
     print(
