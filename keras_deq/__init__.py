@@ -10,6 +10,7 @@ if keras.backend.backend() != "tensorflow":
     )
 
 from keras_deq import callbacks  # noqa: E402
+from keras_deq import diagnostics  # noqa: E402
 from keras_deq import gradients  # noqa: E402
 from keras_deq import jacobian  # noqa: E402
 from keras_deq import layers  # noqa: E402
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEQLayer",
     "callbacks",
+    "diagnostics",
     "gradients",
     "jacobian",
     "layers",

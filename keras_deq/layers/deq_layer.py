@@ -305,6 +305,7 @@ class DEQLayer(keras.layers.Layer):
         self._traced_training = False
         self._state_spec = None
         self._training_overrides = {}
+        self._inference_overrides = {}
 
     def build(self, x_shape):
         x_spec = keras.tree.map_shape_structure(
@@ -544,20 +545,22 @@ class DEQLayer(keras.layers.Layer):
 
         return f, flattener
 
-    def _forward_solve(self, x, z0, training, noise, max_iter):
+    def _forward_solve(self, x, z0, training, noise, max_iter, tol):
         f, flattener = self._flat_block(x, z0, training, noise)
-        return self._run_solver(f, flattener.flatten(z0), max_iter)
+        return self._run_solver(f, flattener.flatten(z0), max_iter, tol)
 
-    def _solve_per_sample(self, x, z0, training, noise, max_iter):
+    def _solve_per_sample(self, x, z0, training, noise, max_iter, tol):
         """The forward solve, z* flattened per sample `[B, d]`.
 
         Rows are solved per `sample_axes`; `nstep` and the residuals stay
         per row.
         """
         if tf.executing_eagerly():
-            result = self._eager_solve(x, z0, bool(training), noise, max_iter)
+            result = self._eager_solve(
+                x, z0, bool(training), noise, max_iter, tol
+            )
         else:
-            result = self._forward_solve(x, z0, training, noise, max_iter)
+            result = self._forward_solve(x, z0, training, noise, max_iter, tol)
         if self.sample_axes == 1:
             return result
         return result._replace(z=self._row_maps(z0)["from_rows"](result.z))
@@ -568,8 +571,9 @@ class DEQLayer(keras.layers.Layer):
         For a map the layer's `call` cannot express: the block with extra
         arguments bound, say (`DEQTransformerLM.decode_step` solves new
         positions against remembered ones this way). The solver, `max_iter`,
-        `tol`, `stop_mode`, `solver_options` and `sample_axes` are the
-        layer's; nothing is recorded for gradients and no metric is updated.
+        `tol` (as `override_inference` sets them), `stop_mode`,
+        `solver_options` and `sample_axes` are the layer's; nothing is
+        recorded for gradients and no metric is updated.
 
         Args:
             f: maps a state (a nest shaped like `z0`) to a state.
@@ -585,10 +589,12 @@ class DEQLayer(keras.layers.Layer):
         def flat_f(z):
             return flattener.flatten(f(flattener.unflatten(z)))
 
-        result = self._run_solver(flat_f, flattener.flatten(z0), self.max_iter)
+        result = self._run_solver(
+            flat_f, flattener.flatten(z0), *self._budget(training=False)
+        )
         return flattener.unflatten(result.z), result
 
-    def _run_solver(self, f, z0, max_iter):
+    def _run_solver(self, f, z0, max_iter, tol):
         solve = solvers.get(self.solver)
         # No tape may record the solve (persistent and nested ones
         # included): its in-place histories have no gradient, and the
@@ -599,7 +605,7 @@ class DEQLayer(keras.layers.Layer):
                 f,
                 z0,
                 max_iter,
-                self.tol,
+                tol,
                 self.stop_mode,
                 **self.solver_options,
             )
@@ -638,13 +644,64 @@ class DEQLayer(keras.layers.Layer):
         """The settings `override_training` set (read-only copy)."""
         return dict(self._training_overrides)
 
+    def override_inference(
+        self, *, max_iter: int | None = None, tol: float | None = None
+    ) -> None:
+        """The test-time budget: settings for calls outside training.
+
+        An equilibrium model's output is its fixed point, so its solve can
+        be given more iterations (or a tighter tolerance) at test time
+        than in training, without rebuilding the model. These apply to
+        every call with `training` false (`predict`, `evaluate`,
+        validation, direct calls, `solve`, cached decoding) and not to
+        training calls; they are not part of `get_config`. No arguments
+        clears them.
+
+        Eager calls take them at once. A `predict`, `evaluate` or `export`
+        function traced before keeps the budget it was traced with: use
+        `keras_deq.diagnostics.override_inference(model, ...)` (or the
+        keras_deq models' `override_inference`), which also drops the
+        model's traced functions. `model.export` writes the budget set
+        when it runs.
+
+        Args:
+            max_iter: most block evaluations of the forward solve (plain
+                steps with `gradient="unrolled"`). Defaults to `None` (the
+                layer's `max_iter`).
+            tol: the forward tolerance. Defaults to `None` (the layer's
+                `tol`).
+        """
+        overrides = {}
+        if max_iter is not None:
+            overrides["max_iter"] = validation.check_int(
+                "max_iter", max_iter, 1
+            )
+        if tol is not None:
+            overrides["tol"] = validation.check_positive("tol", tol)
+        self._inference_overrides = overrides
+
+    @property
+    def inference_overrides(self) -> dict:
+        """The settings `override_inference` set (read-only copy)."""
+        return dict(self._inference_overrides)
+
+    def _budget(self, training):
+        """`(max_iter, tol)` of a call, overrides applied."""
+        overrides = (
+            self._training_overrides if training else self._inference_overrides
+        )
+        return (
+            overrides.get("max_iter", self.max_iter),
+            overrides.get("tol", self.tol),
+        )
+
     def call(self, x, training=None, initial_state=None):
         # The phase whose statistics the metrics report logs (the report is
         # read in the same traced step as this call).
         self._traced_training = bool(training)
         overrides = self._training_overrides if training else {}
         gradient = overrides.get("gradient", self.gradient)
-        max_iter = overrides.get("max_iter", self.max_iter)
+        max_iter, tol = self._budget(training)
         if initial_state is None:
             z0 = self._initial_state(x)
         else:
@@ -659,7 +716,7 @@ class DEQLayer(keras.layers.Layer):
         f, flattener = self._flat_block(x, z0, training, noise, 1)
 
         def solve():
-            return self._solve_per_sample(x, z0, training, noise, max_iter)
+            return self._solve_per_sample(x, z0, training, noise, max_iter, tol)
 
         problem = gradients.Problem(
             f=f,
@@ -730,12 +787,12 @@ class DEQLayer(keras.layers.Layer):
         self.block._clear_losses()
         return losses
 
-    def _eager_solve(self, x, z0, training, noise, max_iter):
+    def _eager_solve(self, x, z0, training, noise, max_iter, tol):
         settings = repr(
             (
                 self.solver,
                 max_iter,
-                self.tol,
+                tol,
                 self.stop_mode,
                 sorted(self.solver_options.items()),
             )
@@ -745,7 +802,9 @@ class DEQLayer(keras.layers.Layer):
             layer = weakref.ref(self)
 
             def solve(x, z0, training, noise):
-                return layer()._forward_solve(x, z0, training, noise, max_iter)
+                return layer()._forward_solve(
+                    x, z0, training, noise, max_iter, tol
+                )
 
             functions[settings] = tf.function(solve, reduce_retracing=True)
         # A variable given as the input would be captured by reference in
@@ -775,7 +834,9 @@ class DEQLayer(keras.layers.Layer):
             self.build(tf.nest.map_structure(lambda t: t.shape, x))
         z0 = self._initial_state(x)
         # Whole samples, also when the solve ran per position.
-        result = self._solve_per_sample(x, z0, False, None, self.max_iter)
+        result = self._solve_per_sample(
+            x, z0, False, None, *self._budget(training=False)
+        )
         f, _ = self._flat_block(x, z0, False, sample_axes=1)
         return jacobian.spectral_radius(f, result.z, num_iters)
 

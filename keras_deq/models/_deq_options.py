@@ -4,6 +4,7 @@ import inspect
 
 import keras
 
+from keras_deq import diagnostics
 from keras_deq.layers.deq_layer import DEQLayer
 
 # Set by the models themselves (the seed from the model's `seed`).
@@ -89,10 +90,34 @@ class ConfigMixin:
     name and DEQ settings as they are now.
     """
 
+    # The model's own traced functions, which keep the budget they were
+    # traced with.
+    _TRACED = ()
+
     @property
     def deq(self) -> DEQLayer:
         """The model's `DEQLayer`."""
         return self.get_layer(self._deq_name)
+
+    def override_inference(
+        self, *, max_iter: int | None = None, tol: float | None = None
+    ) -> None:
+        """The test-time budget of the model's DEQLayer.
+
+        `keras_deq.diagnostics.override_inference` on this model: `predict`,
+        `evaluate`, `generate` and `export` solve with `max_iter` and `tol`
+        from now on, training with the layer's own settings. No arguments
+        goes back to the trained budget.
+
+        Args:
+            max_iter: forward iterations at test time. Defaults to `None`
+                (the layer's).
+            tol: forward tolerance at test time. Defaults to `None` (the
+                layer's).
+        """
+        diagnostics.override_inference(self, max_iter=max_iter, tol=tol)
+        for name in self._TRACED:
+            setattr(self, name, None)
 
     def get_config(self):
         return {

@@ -417,6 +417,8 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
             `keras.Model` arguments (`name`, `dtype`, `trainable`).
     """
 
+    _TRACED = ("_next_logits", "_decode", "_decode_compiled")
+
     DEQ_DEFAULTS = {
         "solver": "broyden",
         "max_iter": 12,
