@@ -45,6 +45,22 @@ def mirrored():
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 
 
+def suite_seed() -> int:
+    """KERAS_DEQ_TEST_SEED, or 0: the seed of this run of the suite."""
+    return int(os.environ.get("KERAS_DEQ_TEST_SEED", 0))
+
+
+@pytest.fixture
+def seed():
+    """This run's seed, for tests that seed their own data or model.
+
+    A test that trains must pass from any seed; it records what it
+    measured with `record_property`, so a sweep over seeds
+    (`KERAS_DEQ_TEST_SEED=N pytest --junitxml=...`) shows each margin.
+    """
+    return suite_seed()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     import keras
@@ -55,6 +71,6 @@ def _fresh_keras_state():
     keras.utils.clear_session(free_memory=False)
     # KERAS_DEQ_TEST_SEED reruns the suite from other seeds: a test that
     # trains must pass from any of them, not ride one trajectory.
-    keras.utils.set_random_seed(int(os.environ.get("KERAS_DEQ_TEST_SEED", 0)))
+    keras.utils.set_random_seed(suite_seed())
     yield
     keras.mixed_precision.set_global_policy("float32")

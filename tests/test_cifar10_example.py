@@ -42,7 +42,7 @@ def test_one_mirrored_epoch_through_the_real_pipeline_then_export(
             model_dir=str(tmp_path / "run"),
             export_dir=str(tmp_path / "export"),
             strategy=mirrored,
-            **TINY,
+            **ONE_RESOLUTION,
         )
     images, labels = batch
     assert images.shape == (16, 32, 32, 3) and labels.shape == (16,)

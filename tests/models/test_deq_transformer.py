@@ -110,7 +110,7 @@ def test_softmax_head_is_the_transposed_embedding():
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
-def test_trains_with_the_jacobian_penalty_on(norm):
+def test_trains_with_the_jacobian_penalty_on(norm, seed, record_property):
     """Learns a deterministic successor map, beyond the token frequencies.
 
     Calibrated on seeds 0-4 for both norms: the loss after 40 steps is
@@ -119,7 +119,7 @@ def test_trains_with_the_jacobian_penalty_on(norm):
     2.37 or above).
     """
     model = DEQTransformerLM(
-        VOCAB, norm=norm, jac_weight=1.6, jac_freq=1.0, **TINY
+        VOCAB, norm=norm, jac_weight=1.6, jac_freq=1.0, **{**TINY, "seed": seed}
     )
     model.compile(
         optimizer=keras.optimizers.Adam(1e-2),
@@ -140,6 +140,7 @@ def test_trains_with_the_jacobian_penalty_on(norm):
             history["loss"], history["deq_jac_loss"], strict=True
         )
     )
+    record_property("loss_after", after)
     assert after < np.log(10) - 0.5, (before, after)
 
 
