@@ -109,3 +109,120 @@ def test_bad_budgets_raise(kwargs, pattern):
     _, layer = linear_model()
     with pytest.raises((ValueError, TypeError), match=pattern):
         layer.override_inference(**kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class BistableCell(keras.layers.Layer):
+    """f(z, x) = tanh(3z + x / 10): attracting fixed points near ±1 per
+    coordinate (0 repels), so where a solve ends depends on where it
+    starts."""
+
+    def call(self, z, x, training=None):
+        return keras.ops.tanh(3.0 * z + 0.1 * x)
+
+
+def sign_classifier(block, **layer_kwargs):
+    """DEQ of a one-unit state, then logits (z, −z): the class is z's sign."""
+    model = keras.Sequential(
+        [
+            keras.Input((1,)),
+            keras_deq.DEQLayer(block, name="deq", **layer_kwargs),
+            keras.layers.Dense(
+                2,
+                use_bias=False,
+                kernel_initializer=keras.initializers.Constant([[1.0, -1.0]]),
+            ),
+        ]
+    )
+    return model
+
+
+def test_report_follows_plain_iteration_in_closed_form():
+    # ‖A‖ = 0.9 and a tolerance no solve reaches: M evaluations of f from
+    # z0 = 0 end at z_{M−1}, and the layer outputs f(z_{M−1}) = z_M =
+    # x (I − A^M) (I − A)⁻¹, whose residual f(z) − z = x A^M is computed
+    # here in float64.
+    model, layer = linear_model(max_iter=4, tol=1e-12)
+    x = inputs(n=20)
+    exact = closed_form(layer, x)
+    a = layer.block.a.numpy().astype(np.float64)
+    report = keras_deq.diagnostics.equilibrium_report(
+        model,
+        x,
+        exact,
+        metric="mean_squared_error",
+        budgets=(1, 2, 4),
+        num_starts=2,
+        batch_size=8,
+    )
+    assert report["max_iter"] == 4 and report["layer"] == "deq"
+    metrics = []
+    for row, steps in zip(report["rows"], (4, 8, 16), strict=True):
+        assert row["max_iter"] == steps and row["nfe"] == steps
+        power = np.linalg.matrix_power(a, steps)
+        z = x @ (np.eye(D) - power) @ np.linalg.inv(np.eye(D) - a)
+        fz = z @ a + x
+        rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
+        np.testing.assert_allclose(row["residual_median"], np.median(rel), 1e-4)
+        np.testing.assert_allclose(row["residual_max"], rel.max(), 1e-4)
+        np.testing.assert_allclose(
+            row["metric"], np.mean((z - exact) ** 2), rtol=1e-3
+        )
+        assert row["within_tol"] == 0.0
+        metrics.append(row["metric"])
+    assert metrics == sorted(metrics, reverse=True)  # more steps, closer
+    # A contraction has one fixed point: every start reaches it.
+    assert report["path"]["agreement"] == 1.0
+    assert report["path"]["max_iter"] == 16
+    # The overrides are the layer's own again.
+    assert layer.inference_overrides == {}
+
+
+def test_path_independence_of_a_contraction_scores_one():
+    block = LinearCell(norm=0.5, seed=1)
+    model = sign_classifier(block, solver="fixed_point", tol=1e-7, max_iter=60)
+    x = np.random.default_rng(2).normal(size=(64, 1)).astype("float32")
+    report = keras_deq.diagnostics.equilibrium_report(
+        model, x, num_starts=3, random_start=2.0, budgets=(1,)
+    )
+    assert report["path"]["agreement"] == 1.0
+    assert report["path"]["distance_max"] < 1e-5
+    assert report["rows"][0]["within_tol"] == 1.0
+
+
+def test_two_attracting_fixed_points_score_below_one():
+    model = sign_classifier(
+        BistableCell(), solver="fixed_point", tol=1e-6, max_iter=60
+    )
+    x = np.random.default_rng(3).normal(size=(200, 1)).astype("float32")
+    report = keras_deq.diagnostics.equilibrium_report(
+        model, x, num_starts=3, random_start=1.0, budgets=(1,)
+    )
+    # Every solve converges, to the attractor on its start's side: from
+    # z0 = 0 that of x's sign, from N(0, 1) starts often the other one.
+    assert report["rows"][0]["within_tol"] == 1.0
+    assert 0.2 < report["path"]["agreement"] < 0.9
+    assert report["path"]["distance_max"] > 1.5  # from near 1 to near −1
+
+
+def test_plot_and_monitor(tmp_path):
+    model, layer = linear_model(max_iter=3, tol=1e-7)
+    x = inputs(n=16)
+    exact = closed_form(layer, x)
+    report = keras_deq.diagnostics.equilibrium_report(
+        model, x, exact, metric="mean_squared_error", budgets=(1, 4)
+    )
+    path = tmp_path / "report.png"
+    keras_deq.diagnostics.plot_report({"linear": report}, str(path))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    monitor = keras_deq.diagnostics.EquilibriumMonitor(
+        x, exact, metric="mean_squared_error", every=2, budget=4
+    )
+    history = model.fit(
+        x, exact, epochs=2, batch_size=8, verbose=0, callbacks=[monitor]
+    ).history
+    assert history["deq_path_agreement"] == [1.0]
+    np.testing.assert_allclose(
+        history["deq_metric_at_4x"], [report["rows"][1]["metric"]], rtol=1e-5
+    )

@@ -645,7 +645,12 @@ class DEQLayer(keras.layers.Layer):
         return dict(self._training_overrides)
 
     def override_inference(
-        self, *, max_iter: int | None = None, tol: float | None = None
+        self,
+        *,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        random_start: float | None = None,
+        seed: int = 0,
     ) -> None:
         """The test-time budget: settings for calls outside training.
 
@@ -670,6 +675,15 @@ class DEQLayer(keras.layers.Layer):
                 layer's `max_iter`).
             tol: the forward tolerance. Defaults to `None` (the layer's
                 `tol`).
+            random_start: σ > 0: start each solve from the default first
+                iterate plus N(0, σ²) noise, to test path independence
+                (an equilibrium model reaches the same fixed point from
+                any start; `keras_deq.diagnostics.equilibrium_report`).
+                A warm start given to the call is used as it is. Defaults
+                to `None` (the default first iterate).
+            seed: int seed of the `random_start` noise: one draw per
+                batch shape, the same in every traced call. Defaults to
+                `0`.
         """
         overrides = {}
         if max_iter is not None:
@@ -678,6 +692,11 @@ class DEQLayer(keras.layers.Layer):
             )
         if tol is not None:
             overrides["tol"] = validation.check_positive("tol", tol)
+        if random_start is not None:
+            overrides["random_start"] = (
+                validation.check_positive("random_start", random_start),
+                validation.check_int("seed", seed, 0),
+            )
         self._inference_overrides = overrides
 
     @property
@@ -704,6 +723,8 @@ class DEQLayer(keras.layers.Layer):
         max_iter, tol = self._budget(training)
         if initial_state is None:
             z0 = self._initial_state(x)
+            if not training and "random_start" in self._inference_overrides:
+                z0 = _perturbed(z0, *self._inference_overrides["random_start"])
         else:
             z0 = self._given_state(initial_state, x)
         # Every evaluation of the block in this call (forward iterations,
@@ -908,6 +929,20 @@ def _takes_one_tensor(block):
         "then applied to z + x). Received: a block of type "
         f"{type(block).__name__} with call{inspect.signature(block.call)}"
     )
+
+
+def _perturbed(state, stddev, seed):
+    """`state` plus N(0, stddev²) noise, drawn from `seed`, no gradient."""
+    leaves = tf.nest.flatten(state)
+    noisy = [
+        leaf
+        + tf.cast(
+            keras.random.normal(tf.shape(leaf), stddev=stddev, seed=seed + i),
+            leaf.dtype,
+        )
+        for i, leaf in enumerate(leaves)
+    ]
+    return tf.nest.pack_sequence_as(state, noisy)
 
 
 def _keras_tensors(specs):
