@@ -59,6 +59,7 @@ def test_solver_overhead_script(tmp_path):
     assert "solve/(nfe*f)" in stdout
 
 
+@pytest.mark.large
 def test_training_step_script(tmp_path):
     data, stdout = run_module(
         "training_step", tmp_path, "--iters=3", "--cells=mlp"
@@ -87,6 +88,7 @@ def test_training_step_script(tmp_path):
     assert "/ unrolled" in stdout and "/ off" in stdout
 
 
+@pytest.mark.large
 def test_backward_tradeoff_script(tmp_path):
     """On the MLP cell (a contraction, ‖W‖ = 0.9): 20 implicit backward
     iterations give the tightly solved gradient; one phantom step does not."""
@@ -372,6 +374,7 @@ def test_mdeq_digits_script_trains_the_explicit_baseline(
     assert run["train_seconds"] >= run["first_epoch_seconds"] > 0
 
 
+@pytest.mark.large
 def test_warm_start_script(tmp_path):
     data, stdout = run_module(
         "warm_start",

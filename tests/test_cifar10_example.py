@@ -129,6 +129,7 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt(f"killed after epoch {epoch}")
 
 
+@pytest.mark.large
 def test_interrupted_run_resumes_from_its_backup(tmp_path):
     config = dict(ONE_RESOLUTION, epochs=3, model_dir=str(tmp_path / "run"))
     with tfds.testing.mock_data(num_examples=64):

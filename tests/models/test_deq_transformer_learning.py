@@ -17,10 +17,10 @@ from benchmarks.char_text import unigram_perplexity
 from keras_deq.models import DEQTransformerLM
 
 
-# Pre-LN runs with --run-large: the default suite keeps one real-text run.
-@pytest.mark.parametrize(
-    "norm", ["post", pytest.param("pre", marks=pytest.mark.large)]
-)
+# Large: the default suite's LM learning test is the successor map of
+# tests/models/test_deq_transformer.py.
+@pytest.mark.large
+@pytest.mark.parametrize("norm", ["post", "pre"])
 def test_learns_real_text_beyond_token_frequencies(norm, record_property):
     """Width 64, three passes over 100k characters, penalty on (defaults).
 

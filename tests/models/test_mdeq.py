@@ -145,11 +145,8 @@ def test_bad_configuration(kwargs, pattern):
         MDEQClassifier(**kwargs)
 
 
-# The paper's initialisation runs with --run-large; the default's always.
-@pytest.mark.parametrize(
-    "init_stddev, bound",
-    [pytest.param(0.01, 0.9, marks=pytest.mark.large), (0.05, 1.1)],
-)
+@pytest.mark.large
+@pytest.mark.parametrize("init_stddev, bound", [(0.01, 0.9), (0.05, 1.1)])
 def test_spectral_radius_at_initialisation(init_stddev, bound):
     """Injection before GN₂ and zero-scale fusion norms: at the paper's
     N(0, 0.01²) f is a contraction, ρ(J_f) < 0.9; at the default
