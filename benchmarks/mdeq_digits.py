@@ -32,14 +32,12 @@ import time  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from benchmarks.digits import WIDTHS  # noqa: E402
+from benchmarks.digits import digits_images  # noqa: E402
 from keras_deq.models import MDEQClassifier  # noqa: E402
-
-WIDTHS = (16, 32, 64, 128)
-NUM_TRAIN = 1397
 
 _MODEL = flags.DEFINE_enum("model", "mdeq", ["mdeq", "explicit"], "Model.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds, one run each.")
@@ -65,27 +63,6 @@ _SOLVE_CAP = flags.DEFINE_integer(
 _OUTPUT = flags.DEFINE_string(
     "output", "mdeq_digits.json", "Where to write the JSON results."
 )
-
-
-def digits_images():
-    """`((x_train, y_train), (x_test, y_test))`: 32×32×3 float32 in [0, 1]."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ImportError(
-            "The digits benchmark needs scikit-learn, whose package holds "
-            "the images: pip install scikit-learn (or the `test` extra)."
-        ) from error
-    digits = load_digits()
-    order = np.random.default_rng(0).permutation(len(digits.images))
-    images = digits.images[order, :, :, None].astype("float32") / 16.0
-    images = tf.image.resize(images, (32, 32), method="bilinear").numpy()
-    images = np.repeat(images, 3, axis=-1)
-    labels = digits.target[order].astype("int32")
-    return (images[:NUM_TRAIN], labels[:NUM_TRAIN]), (
-        images[NUM_TRAIN:],
-        labels[NUM_TRAIN:],
-    )
 
 
 def explicit_cnn(num_classes=10, widths=WIDTHS, num_groups=4):

@@ -226,3 +226,24 @@ def test_plot_and_monitor(tmp_path):
     np.testing.assert_allclose(
         history["deq_metric_at_4x"], [report["rows"][1]["metric"]], rtol=1e-5
     )
+
+
+def test_training_from_random_first_iterates():
+    # One unrolled step from z0: the output is f(z0) = z0 A + x, so the
+    # first iterate can be read back as (output − x) A⁻¹.
+    layer = keras_deq.DEQLayer(
+        LinearCell(norm=0.5, seed=2), gradient="unrolled", max_iter=1, seed=7
+    )
+    x = inputs(n=2000)
+    layer(x[:1])
+    a_inv = np.linalg.inv(layer.block.a.numpy())
+    np.testing.assert_allclose(layer(x, training=True).numpy(), x, atol=1e-6)
+    layer.override_training(random_start=0.5)
+    first = (layer(x, training=True).numpy() - x) @ a_inv
+    second = (layer(x, training=True).numpy() - x) @ a_inv
+    assert abs(first.std() - 0.5) < 0.02 and abs(first.mean()) < 0.02
+    assert not np.allclose(first, second)  # a fresh draw per call
+    # Inference keeps the default start.
+    np.testing.assert_allclose(layer(x).numpy(), x, atol=1e-6)
+    with pytest.raises(ValueError, match="random_start"):
+        layer.override_training(random_start=0.0)

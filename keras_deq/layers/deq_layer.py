@@ -306,6 +306,10 @@ class DEQLayer(keras.layers.Layer):
         self._state_spec = None
         self._training_overrides = {}
         self._inference_overrides = {}
+        # Draws of `override_training(random_start=...)`.
+        self._start_seed_generator = keras.random.SeedGenerator(
+            seed, name="start_seed_generator"
+        )
 
     def build(self, x_shape):
         x_spec = keras.tree.map_shape_structure(
@@ -614,7 +618,11 @@ class DEQLayer(keras.layers.Layer):
         )
 
     def override_training(
-        self, *, gradient: str | None = None, max_iter: int | None = None
+        self,
+        *,
+        gradient: str | None = None,
+        max_iter: int | None = None,
+        random_start: float | None = None,
     ) -> None:
         """Settings for training calls only; no arguments clears them.
 
@@ -629,6 +637,10 @@ class DEQLayer(keras.layers.Layer):
                 `None` (the layer's).
             max_iter: forward iterations (unrolled steps) for training
                 calls. Defaults to `None` (the layer's).
+            random_start: σ > 0: start each training solve from the
+                default first iterate plus fresh N(0, σ²) noise, so that
+                the model learns to reach its fixed point from anywhere
+                (Anil et al., NeurIPS 2022). Defaults to `None`.
         """
         overrides = {}
         if gradient is not None:
@@ -636,6 +648,11 @@ class DEQLayer(keras.layers.Layer):
         if max_iter is not None:
             overrides["max_iter"] = validation.check_int(
                 "max_iter", max_iter, 1
+            )
+        if random_start is not None:
+            overrides["random_start"] = (
+                validation.check_positive("random_start", random_start),
+                self._start_seed_generator,
             )
         self._training_overrides = overrides
 
@@ -723,8 +740,13 @@ class DEQLayer(keras.layers.Layer):
         max_iter, tol = self._budget(training)
         if initial_state is None:
             z0 = self._initial_state(x)
-            if not training and "random_start" in self._inference_overrides:
-                z0 = _perturbed(z0, *self._inference_overrides["random_start"])
+            start = (
+                self._training_overrides
+                if training
+                else self._inference_overrides
+            ).get("random_start")
+            if start is not None:
+                z0 = _perturbed(z0, *start)
         else:
             z0 = self._given_state(initial_state, x)
         # Every evaluation of the block in this call (forward iterations,
@@ -932,12 +954,19 @@ def _takes_one_tensor(block):
 
 
 def _perturbed(state, stddev, seed):
-    """`state` plus N(0, stddev²) noise, drawn from `seed`, no gradient."""
+    """`state` plus N(0, stddev²) noise, no gradient.
+
+    `seed` is an int (the same draw in every traced call) or a
+    `SeedGenerator` (a new draw at every call).
+    """
     leaves = tf.nest.flatten(state)
+    fixed = not isinstance(seed, keras.random.SeedGenerator)
     noisy = [
         leaf
         + tf.cast(
-            keras.random.normal(tf.shape(leaf), stddev=stddev, seed=seed + i),
+            keras.random.normal(
+                tf.shape(leaf), stddev=stddev, seed=seed + i if fixed else seed
+            ),
             leaf.dtype,
         )
         for i, leaf in enumerate(leaves)
