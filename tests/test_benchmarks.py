@@ -492,3 +492,45 @@ def test_lm_widths_script(tmp_path):
     # penalty on every step (p = 1) the objective fit minimises is larger.
     cross_entropy = np.log(run["train_perplexity_per_epoch"])
     assert np.all(np.array(run["train_objective_per_epoch"]) > cross_entropy)
+
+
+@pytest.mark.large
+def test_mdeq_equilibrium_script(tmp_path):
+    pytest.importorskip("sklearn")
+    plot = tmp_path / "levers.png"
+    data, stdout = run_module(
+        "mdeq_equilibrium",
+        tmp_path,
+        "--levers=unrolled_random",
+        "--epochs=1",
+        "--starts=1",
+        f"--plot={plot}",
+        timing_flags=False,
+    )
+    (run,) = data["runs"]
+    assert run["random_start"] == 1.0
+    rows = run["report"]["rows"]
+    assert [row["max_iter"] for row in rows] == [7, 28]
+    assert all(0 <= row["metric"] <= 1 for row in rows)
+    assert 0 <= run["report"]["path"]["agreement"] <= 1
+    assert "unrolled_random" in stdout
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.large
+def test_lm_equilibrium_script(tmp_path):
+    data, stdout = run_module(
+        "lm_equilibrium",
+        tmp_path,
+        "--epochs=1",
+        "--starts=1",
+        timing_flags=False,
+    )
+    (run,) = data["runs"]
+    # The report's perplexity at 1x is the model's own evaluate's.
+    np.testing.assert_allclose(
+        run["rows"][0]["perplexity"], run["perplexity"], rtol=1e-3
+    )
+    assert [row["max_iter"] for row in run["rows"]] == [12, 24, 48]
+    assert 0 <= run["path"]["agreement"] <= 1
