@@ -64,6 +64,13 @@ def dtype_policy(dtype):
     return None if dtype is None else keras.dtype_policies.get(dtype)
 
 
+def deq_layer(block, seed, dtype, deq_name, options) -> DEQLayer:
+    """A model's DEQLayer over `block`, named by `deq_layer_name`."""
+    return DEQLayer(
+        block, seed=seed, dtype=dtype, name=deq_layer_name(deq_name), **options
+    )
+
+
 def deq_layer_name(deq_name: str | None) -> str:
     """`deq_name`, or "deq", "deq_1", ... as Keras names unnamed layers.
 

@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_deq.layers.deq_layer import DEQLayer
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
 from keras_deq.models import _deq_options
@@ -468,14 +467,7 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
             dtype=dtype,
             name="transformer_block",
         )
-        deq_name = _deq_options.deq_layer_name(deq_name)
-        deq = DEQLayer(
-            block,
-            seed=seed,
-            dtype=dtype,
-            name=deq_name,
-            **deq_options,
-        )
+        deq = _deq_options.deq_layer(block, seed, dtype, deq_name, deq_options)
         embedding = keras_hub.layers.ReversibleEmbedding(
             vocab_size,
             hidden_dim,
@@ -522,7 +514,7 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
             "linear", dtype="float32", name="logits"
         )(logits)
         super().__init__(tokens, logits, **kwargs)
-        self._deq_name = deq_name
+        self._deq_name = deq.name
         if dtype is not None:  # Functional drops it, as keras-hub notes
             self.dtype_policy = dtype
         self._config = {

@@ -5,7 +5,6 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from keras_deq.layers.deq_layer import DEQLayer
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
 from keras_deq.models import _deq_options
@@ -466,14 +465,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             dtype=dtype,
             name="mdeq_block",
         )
-        deq_name = _deq_options.deq_layer_name(deq_name)
-        deq = DEQLayer(
-            block,
-            seed=seed,
-            dtype=dtype,
-            name=deq_name,
-            **deq_options,
-        )
+        deq = _deq_options.deq_layer(block, seed, dtype, deq_name, deq_options)
         states = deq(injections)
         pooled = [
             keras.layers.GlobalAveragePooling2D(dtype=dtype, name=f"pool{i}")(s)
@@ -489,7 +481,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             name="logits",
         )(features)
         super().__init__(images, logits, **kwargs)
-        self._deq_name = deq_name
+        self._deq_name = deq.name
         if dtype is not None:  # Functional drops it, as keras-hub notes
             self.dtype_policy = dtype
         self._config = {
