@@ -47,6 +47,8 @@ except ImportError:  # run as a script: examples/ itself is on sys.path
 FLAGS = flags.FLAGS
 
 NUM_TRAIN, NUM_TEST = 50_000, 10_000
+# Under runs/, which git ignores; each example has its own.
+MODEL_DIR = "runs/cifar10_mdeq"
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
@@ -61,7 +63,9 @@ MISSING_DATA = (
 
 
 def define_flags():
-    common.define_training_flags(epochs=200, batch_size=96, learning_rate=1e-3)
+    common.define_training_flags(
+        epochs=200, batch_size=96, learning_rate=1e-3, model_dir=MODEL_DIR
+    )
     # Model settings; unset, each keeps Table 4's value (build_model).
     flags.DEFINE_list("widths", None, "MDEQ widths, e.g. 28,56,112,224.")
     flags.DEFINE_integer("expansion", None, "Residual block width factor.")
@@ -132,7 +136,7 @@ def build_model(seed=0, **model_kwargs):
 
 def run(
     data_dir,
-    model_dir="runs",
+    model_dir=MODEL_DIR,
     export_dir=None,
     epochs=200,
     batch_size=96,
@@ -227,4 +231,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(common.exit_on_missing_data(main))
+    common.run(common.exit_on_missing_data(main))

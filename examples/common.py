@@ -5,6 +5,7 @@ import sys
 
 import keras
 import tensorflow as tf
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -18,13 +19,19 @@ class DataNotFoundError(Exception):
     """A data set is not on this machine; the message says how to get it."""
 
 
-def define_training_flags(epochs, batch_size, learning_rate):
-    """Flags every training example has, with the example's defaults."""
+def define_training_flags(epochs, batch_size, learning_rate, model_dir):
+    """Flags every training example has, with the example's defaults.
+
+    They are key flags of the script being run, so its `--help` lists them
+    (absl lists only the main module's own flags there).
+    """
+    before = set(flags.FLAGS)
     flags.DEFINE_string("data_dir", None, "Where the data set lives.")
     flags.DEFINE_string(
         "model_dir",
-        "runs",
-        "Backups (for resuming), the best checkpoint and TensorBoard logs.",
+        model_dir,
+        "Backups (for resuming), the best checkpoint and TensorBoard logs "
+        "(under runs/, which git ignores, by default).",
     )
     flags.DEFINE_string(
         "export_dir", None, "If set, write a SavedModel here at the end."
@@ -55,6 +62,9 @@ def define_training_flags(epochs, batch_size, learning_rate):
     )
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("verbose", 1, "Keras fit verbosity (0, 1, 2).")
+    main = sys.argv[0]
+    for name in sorted(set(flags.FLAGS) - before):
+        flags.FLAGS.register_key_flag_for_module(main, flags.FLAGS[name])
 
 
 def model_arguments(names):
@@ -199,6 +209,23 @@ def distribute_options(dataset):
         tf.data.experimental.AutoShardPolicy.DATA
     )
     return dataset.with_options(options)
+
+
+_HELP = {"--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
+
+
+def run(main):
+    """`app.run(main)`, where asking for help exits 0.
+
+    absl prints the help and exits with status 1, which reads as a failure
+    to a shell or a CI step that runs `script --help`.
+    """
+    try:
+        app.run(main)
+    except SystemExit as done:
+        if done.code == 1 and _HELP.intersection(sys.argv[1:]):
+            raise SystemExit(0) from None
+        raise
 
 
 def exit_on_missing_data(main):

@@ -24,6 +24,11 @@ from absl import flags  # noqa: E402
 
 import keras_deq  # noqa: E402
 
+try:
+    from examples import common  # noqa: E402
+except ImportError:  # run as a script: examples/ itself is on sys.path
+    import common  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 
@@ -161,4 +166,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

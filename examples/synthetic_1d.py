@@ -46,6 +46,11 @@ from absl import flags  # noqa: E402
 import keras_deq  # noqa: E402
 
 try:
+    from examples import common  # noqa: E402
+except ImportError:  # run as a script: examples/ itself is on sys.path
+    import common  # noqa: E402
+
+try:
     from examples import plotting  # noqa: E402
 except ImportError:  # run as a script: examples/ itself is on sys.path
     import plotting  # noqa: E402
@@ -70,7 +75,9 @@ def define_flags():
     )
     flags.DEFINE_integer("seed", 0, "Random seed (data and weights).")
     flags.DEFINE_string(
-        "output_dir", "synthetic_1d", "Where to write results.json/figure5.png."
+        "output_dir",
+        "runs/synthetic_1d",
+        "Where to write results.json/figure5.png (runs/ is git-ignored).",
     )
     flags.DEFINE_bool("plot", True, "Draw figure5.png (matplotlib).")
 
@@ -370,4 +377,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

@@ -56,6 +56,8 @@ except ImportError:  # run as a script: examples/ itself is on sys.path
     import common  # noqa: E402
 
 FLAGS = flags.FLAGS
+# Under runs/, which git ignores; each example has its own.
+MODEL_DIR = "runs/wikitext103_transformer"
 
 SPLITS = ("train", "valid", "test")
 UNK, EOS = "<unk>", "<eos>"
@@ -74,7 +76,9 @@ MISSING_DATA = (
 
 
 def define_flags():
-    common.define_training_flags(epochs=23, batch_size=60, learning_rate=2.5e-4)
+    common.define_training_flags(
+        epochs=23, batch_size=60, learning_rate=2.5e-4, model_dir=MODEL_DIR
+    )
     flags.DEFINE_integer("seq_len", 150, "Tokens per training sequence.")
     flags.DEFINE_integer(
         "max_vocab", 0, "Vocabulary size incl. <unk> (0: every word)."
@@ -235,7 +239,7 @@ def write_vocabulary(lookup, directory):
 
 def run(
     data_dir,
-    model_dir="runs",
+    model_dir=MODEL_DIR,
     export_dir=None,
     epochs=23,
     batch_size=60,
@@ -372,4 +376,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(common.exit_on_missing_data(main))
+    common.run(common.exit_on_missing_data(main))
