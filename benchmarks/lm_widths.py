@@ -151,9 +151,11 @@ def run(
         of_unigram=perplexity / unigram,
         learning_rate=float(model.optimizer.learning_rate),
         jac_weight=float(deq.jac_weight),
-        forward_nfe=float(logs["deq_forward_nfe"]),
-        forward_residual=float(logs["deq_forward_residual"]),
-        min_jac_loss=float(min(history.get("deq_jac_loss", [float("nan")]))),
+        forward_nfe=float(logs[f"{deq.name}_forward_nfe"]),
+        forward_residual=float(logs[f"{deq.name}_forward_residual"]),
+        min_jac_loss=float(
+            min(history.get(f"{deq.name}_jac_loss", [float("nan")]))
+        ),
         seconds_per_step=seconds / steps,
     )
     if per_epoch:

@@ -147,17 +147,19 @@ def train(
         )
         deq.max_iter = own_cap
         model.test_function = None
+    # deq, deq_1, ...: the models of one process have their own names.
+    name = model.deq.name if kind == "mdeq" else "deq"
     return {
         "seed": seed,
         "penalty": penalty,
         "held_out_accuracy": float(logs["accuracy"]),
-        "forward_nfe": float(logs.get("deq_forward_nfe", np.nan)),
-        "forward_residual": float(logs.get("deq_forward_residual", np.nan)),
+        "forward_nfe": float(logs.get(f"{name}_forward_nfe", np.nan)),
+        "forward_residual": float(logs.get(f"{name}_forward_residual", np.nan)),
         "solve_cap": solve_cap if capped else None,
         "capped_accuracy": float(capped.get("accuracy", np.nan)),
-        "capped_forward_nfe": float(capped.get("deq_forward_nfe", np.nan)),
+        "capped_forward_nfe": float(capped.get(f"{name}_forward_nfe", np.nan)),
         "capped_forward_residual": float(
-            capped.get("deq_forward_residual", np.nan)
+            capped.get(f"{name}_forward_residual", np.nan)
         ),
         "train_seconds": seconds,
         "first_epoch_seconds": clock.ends[1] - clock.ends[0],

@@ -94,7 +94,9 @@ def train(lever, seed, epochs, budgets, starts):
         "model_kwargs": model_kwargs,
         "random_start": random_start,
         "train_seconds": seconds,
-        "train_forward_nfe": float(history.history["deq_forward_nfe"][-1]),
+        "train_forward_nfe": float(
+            history.history[f"{model.deq.name}_forward_nfe"][-1]
+        ),
         "report": report,
     }
 
