@@ -49,6 +49,19 @@ LEVERS = {
     "phantom_penalty": ({"gradient": "phantom", **PENALTY}, None),
     "implicit_penalty_random": ({"gradient": "implicit", **PENALTY}, 1.0),
     "unrolled_random": ({}, 1.0),
+    "phantom_penalty_random": ({"gradient": "phantom", **PENALTY}, 1.0),
+    "phantom_correction_random": (
+        {"gradient": "phantom", "correction_weight": 1.0},
+        1.0,
+    ),
+    "phantom_penalty_correction_random": (
+        {"gradient": "phantom", "correction_weight": 1.0, **PENALTY},
+        1.0,
+    ),
+    "phantom_penalty4_random": (
+        {"gradient": "phantom", "jac_weight": 4.0, "jac_freq": 1.0},
+        1.0,
+    ),
 }
 
 _LEVERS = flags.DEFINE_list(

@@ -98,7 +98,7 @@ def equilibrium_report(
     `metric` on `(x, y)`, the distribution of the per-sample relative
     residual ‖f(z) − z‖ / ‖f(z)‖ of the returned state (computed here from
     one more evaluation of the block, not taken from the solver), the
-    fraction of samples within `tol`, and the mean NFE. Then, at the
+    fraction of samples within `tol` and within 1e-2, and the mean NFE. Then, at the
     largest budget, it solves again from `num_starts` first iterates with
     N(0, `random_start`²) noise added and compares with the default start:
     the relative distance of the states and the agreement of the model's
@@ -129,7 +129,7 @@ def equilibrium_report(
         A dict (JSON-ready): `layer`, `max_iter`, `tol`, `rows` (one per
         budget: `multiple`, `max_iter`, `metric`, `nfe`,
         `residual_median`, `residual_p90`, `residual_max`,
-        `within_tol`), and `path` (`max_iter`, `random_start`,
+        `within_tol`, `within_1e-2`), and `path` (`max_iter`, `random_start`,
         `num_starts`, `distance_median`, `distance_max`, `agreement`) or
         `None`.
 
@@ -180,6 +180,7 @@ def equilibrium_report(
                     "residual_p90": float(np.quantile(residual, 0.9)),
                     "residual_max": float(np.max(residual)),
                     "within_tol": float(np.mean(residual <= deq.tol)),
+                    "within_1e-2": float(np.mean(residual <= 1e-2)),
                 }
             )
         path = None

@@ -158,3 +158,66 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
             "seed": self.seed,
             "metric_name": self.metric_name,
         }
+
+
+def fixed_point_correction(
+    f: Callable[[tf.Tensor], tf.Tensor],
+    z0: tf.Tensor,
+    z_star: tf.Tensor,
+    num_states: int = 3,
+    decay: float = 0.8,
+) -> tf.Tensor:
+    """How far one step of f from each early iterate lands from z*.
+
+    The iterates are the plain iteration's from the first one,
+    z₀, z₁ = f(z₀), …, z_{N−1} (N = `num_states`), held constant; from each
+    one step ẑ_k = f(z_k) is taken with its gradient, and the loss is
+
+        Σ_k w_k · mean over the batch of ‖ẑ_k − z*‖² / ‖z*‖²,
+
+    with weights w_k ∝ `decay`^(N−1−k) that sum to 1 (the latest iterate
+    weighs most), i.e. the error of the iterates 1…N of the solve from
+    z₀. The gradient flows through ẑ_k and through `z_star`, so pass the
+    equilibrium with its gradient (a `DEQLayer` passes its output): held
+    constant, z* is a target that moves away as f changes, and the loss
+    would teach f to jump further rather than to converge sooner (only the
+    normalising ‖z*‖² is held constant). Minimising it teaches f to reach
+    its fixed point in few steps from where solves start: what the
+    fixed-point correction of Bai et al. (2022) does with the task loss on
+    the solver's states, here with the distance to z* instead, so that it
+    needs no labels and works as an `add_loss` of any DEQ.
+
+    Args:
+        f: maps `[B, d]` to `[B, d]`, each sample on its own.
+        z0: `[B, d]` first iterate.
+        z_star: `[B, d]` equilibrium, with its gradient.
+        num_states: N >= 1.
+        decay: in (0, 1].
+
+    Returns:
+        A scalar in the dtype of `z_star`, differentiable with respect to
+        the variables of f.
+
+    Reference:
+        Bai, Ramachandran, Lee, Kolter & Koltun, "Deep Equilibrium Optical
+        Flow Estimation", CVPR 2022, section 3.3.
+    """
+    validation.check_int("correction_states", num_states, 1)
+    validation.check_range("correction_decay", decay, 0, 1, low_open=True)
+    dtype = z_star.dtype
+    scale = tf.stop_gradient(tf.reduce_sum(tf.square(z_star), axis=-1))
+    scale += 1e-12
+    weights = [decay ** (num_states - 1 - k) for k in range(num_states)]
+    total = sum(weights)
+    z = tf.stop_gradient(tf.cast(z0, dtype))
+    value = tf.zeros((), dtype)
+    for k, weight in enumerate(weights):
+        step = f(z)
+        distance = tf.reduce_sum(tf.square(step - z_star), axis=-1) / scale
+        # An empty batch adds 0, not the NaN of an empty mean.
+        size = tf.cast(tf.size(distance), dtype)
+        mean = tf.math.divide_no_nan(tf.reduce_sum(distance), size)
+        value += (weight / total) * mean
+        if k + 1 < num_states:
+            z = tf.stop_gradient(step)
+    return value

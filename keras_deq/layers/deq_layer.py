@@ -14,6 +14,7 @@ from keras_deq import jacobian
 from keras_deq import solvers
 from keras_deq.layers.noise import noisy_layers
 from keras_deq.regularizers import JacobianPenalty
+from keras_deq.regularizers import fixed_point_correction
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 from keras_deq.utils.metrics import MeasuredMean
@@ -135,6 +136,16 @@ class DEQLayer(keras.layers.Layer):
             penalty. Defaults to `1.0`.
         jac_samples: Gaussian probes M of the Hutchinson estimate. Defaults
             to `1`.
+        correction_weight: λ >= 0 of the fixed-point correction loss,
+            `keras_deq.regularizers.fixed_point_correction`: at every
+            training call, λ · Σ_k w_k ‖f(z_k) − z*‖² / ‖z*‖² over the
+            first `correction_states` plain iterates z_k from the first
+            iterate, added with `add_loss` and logged as
+            `{name}_correction_loss`. It teaches f to reach its fixed point
+            in few steps from where solves start. Defaults to `0.0` (off).
+        correction_states: the iterates N it weighs. Defaults to `3`.
+        correction_decay: w_k ∝ decay^(N−1−k), in (0, 1]. Defaults to
+            `0.8`.
         seed: int seed of the penalty's gate and probes. Defaults to `None`
             (drawn from Keras' global seed).
         sample_axes: how many leading axes of the state index separately
@@ -217,6 +228,9 @@ class DEQLayer(keras.layers.Layer):
         jac_weight: float = 0.0,
         jac_freq: float = 1.0,
         jac_samples: int = 1,
+        correction_weight: float = 0.0,
+        correction_states: int = 3,
+        correction_decay: float = 0.8,
         seed: int | None = None,
         sample_axes: int = 1,
         solver_options: dict | None = None,
@@ -246,6 +260,11 @@ class DEQLayer(keras.layers.Layer):
         validation.check_int("phantom_steps", phantom_steps, 1)
         validation.check_range("phantom_tau", phantom_tau, 0, 1, low_open=True)
         validation.check_int("sample_axes", sample_axes, 1)
+        validation.check_nonnegative("correction_weight", correction_weight)
+        validation.check_int("correction_states", correction_states, 1)
+        validation.check_range(
+            "correction_decay", correction_decay, 0, 1, low_open=True
+        )
         solver_options = solvers.check_options(
             "solver_options", solver, solver_options
         )
@@ -272,6 +291,9 @@ class DEQLayer(keras.layers.Layer):
         self.gradient = gradient
         self.phantom_steps = phantom_steps
         self.phantom_tau = phantom_tau
+        self.correction_weight = float(correction_weight)
+        self.correction_states = correction_states
+        self.correction_decay = float(correction_decay)
         self.seed = seed
         self.sample_axes = sample_axes
         self.solver_options = solver_options
@@ -298,6 +320,11 @@ class DEQLayer(keras.layers.Layer):
                 name=f"{self.name}_backward_residual"
             )
             statistics += [self.backward_nfe, self.backward_residual]
+        if self.correction_weight > 0:
+            self.correction_loss = MeasuredMean(
+                name=f"{self.name}_correction_loss"
+            )
+            statistics.append(self.correction_loss)
         self.jacobian_penalty.reported_by_owner = True
         self._statistics_report = StatisticsReport(
             statistics, self._shown_statistics, name=f"{self.name}_statistics"
@@ -369,6 +396,8 @@ class DEQLayer(keras.layers.Layer):
             shown += [self.backward_nfe, self.backward_residual]
         if self.jacobian_penalty.may_be_on():
             shown.append(self.jac_loss)
+        if self.correction_weight > 0:
+            shown.append(self.correction_loss)
         return shown
 
     @property
@@ -798,6 +827,18 @@ class DEQLayer(keras.layers.Layer):
         if training:
             penalty = self.jacobian_penalty.loss(f, forward.z)
             self.add_loss(tf.cast(penalty, self.variable_dtype))
+            if self.correction_weight > 0:
+                correction = self.correction_weight * fixed_point_correction(
+                    f,
+                    problem.z0,
+                    z,
+                    self.correction_states,
+                    self.correction_decay,
+                )
+                self.correction_loss.update_state(
+                    tf.cast(correction, tf.float32)
+                )
+                self.add_loss(tf.cast(correction, self.variable_dtype))
             self.block._clear_losses()
         self.forward_nfe.update_state(tf.cast(forward.nstep, tf.float32))
         self.forward_residual.update_state(
@@ -914,6 +955,9 @@ class DEQLayer(keras.layers.Layer):
                 "phantom_steps": self.phantom_steps,
                 "phantom_tau": self.phantom_tau,
                 **self.jacobian_penalty.settings(),
+                "correction_weight": self.correction_weight,
+                "correction_states": self.correction_states,
+                "correction_decay": self.correction_decay,
                 "seed": self.seed,
                 "sample_axes": self.sample_axes,
                 "solver_options": dict(self.solver_options),
