@@ -98,12 +98,12 @@ def equilibrium_report(
     `metric` on `(x, y)`, the distribution of the per-sample relative
     residual ‖f(z) − z‖ / ‖f(z)‖ of the returned state (computed here from
     one more evaluation of the block, not taken from the solver), the
-    fraction of samples within `tol` and within 1e-2, and the mean NFE. Then, at the
-    largest budget, it solves again from `num_starts` first iterates with
-    N(0, `random_start`²) noise added and compares with the default start:
-    the relative distance of the states and the agreement of the model's
-    outputs (the arg-max for outputs with more than one unit, else
-    agreement to 1%). A path-independent model scores 1.
+    fractions of samples within `tol` and within 1e-2, and the mean NFE.
+    Then, at the largest budget, it solves again from `num_starts` first
+    iterates with N(0, `random_start`²) noise added and compares with the
+    default start: the relative distance of the states and the agreement
+    of the model's outputs (the arg-max for outputs with more than one
+    unit, else agreement to 1%). A path-independent model scores 1.
 
     The layer's own test-time overrides are restored at the end.
 
