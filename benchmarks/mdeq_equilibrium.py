@@ -58,6 +58,10 @@ LEVERS = {
         {"gradient": "phantom", "correction_weight": 1.0, **PENALTY},
         1.0,
     ),
+    "phantom_penalty_random_12": (
+        {"gradient": "phantom", "max_iter": 12, **PENALTY},
+        1.0,
+    ),
     "phantom_penalty4_random": (
         {"gradient": "phantom", "jac_weight": 4.0, "jac_freq": 1.0},
         1.0,
