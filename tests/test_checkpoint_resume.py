@@ -35,7 +35,11 @@ def build(jac_freq):
                 D, kernel_initializer=keras.initializers.GlorotUniform(3)
             ),
             keras_deq.DEQLayer(
-                DropoutCell(), jac_weight=0.5, jac_freq=jac_freq, seed=4
+                DropoutCell(),
+                jac_weight=0.5,
+                jac_freq=jac_freq,
+                random_start=0.5,
+                seed=4,
             ),
             keras.layers.Dense(
                 1, kernel_initializer=keras.initializers.GlorotUniform(5)
@@ -53,7 +57,9 @@ class Interrupt(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize("jac_freq", [0.5, 1.0])
-def test_resume_with_penalty_and_dropout_is_bit_identical(jac_freq, tmp_path):
+def test_resume_with_penalty_dropout_and_random_starts_is_bit_identical(
+    jac_freq, tmp_path
+):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, D)).astype("float32")
     y = rng.normal(size=(64, 1)).astype("float32")
@@ -82,3 +88,7 @@ def test_resume_with_penalty_and_dropout_is_bit_identical(jac_freq, tmp_path):
             layer.seed_generator.state.numpy(),
             reference.seed_generator.state.numpy(),
         )
+    np.testing.assert_array_equal(
+        deq._start_seed_generator.state.numpy(),
+        deq_straight._start_seed_generator.state.numpy(),
+    )

@@ -247,3 +247,28 @@ def test_training_from_random_first_iterates():
     np.testing.assert_allclose(layer(x).numpy(), x, atol=1e-6)
     with pytest.raises(ValueError, match="random_start"):
         layer.override_training(random_start=0.0)
+
+
+def test_random_start_as_a_layer_argument():
+    # The same check as above, with the noise a constructor argument
+    # (saved in the config); override_training takes precedence.
+    layer = keras_deq.DEQLayer(
+        LinearCell(norm=0.5, seed=2),
+        gradient="unrolled",
+        max_iter=1,
+        random_start=2.0,
+        seed=7,
+    )
+    x = inputs(n=2000)
+    layer(x[:1])
+    a_inv = np.linalg.inv(layer.block.a.numpy())
+    first = (layer(x, training=True).numpy() - x) @ a_inv
+    assert abs(first.std() - 2.0) < 0.08 and abs(first.mean()) < 0.08
+    np.testing.assert_allclose(layer(x).numpy(), x, atol=1e-6)
+    layer.override_training(random_start=0.5)
+    first = (layer(x, training=True).numpy() - x) @ a_inv
+    assert abs(first.std() - 0.5) < 0.02
+    clone = keras_deq.DEQLayer.from_config(layer.get_config())
+    assert clone.random_start == 2.0
+    with pytest.raises(ValueError, match=r"`random_start`.*-1"):
+        keras_deq.DEQLayer(LinearCell(), random_start=-1.0)

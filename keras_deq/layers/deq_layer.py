@@ -19,6 +19,7 @@ from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 from keras_deq.utils.metrics import MeasuredMean
 from keras_deq.utils.metrics import StatisticsReport
+from keras_deq.utils.seeds import SavedSeedState
 from keras_deq.utils.state import StateFlattener
 
 # Eager calls run the forward solve through a `tf.function` (an eager
@@ -30,7 +31,7 @@ _EAGER_SOLVES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
-class DEQLayer(keras.layers.Layer):
+class DEQLayer(SavedSeedState, keras.layers.Layer):
     """Returns the equilibrium z* = block(z*, x) of a Keras layer.
 
     A deep equilibrium model replaces a stack of weight-tied layers by the
@@ -146,6 +147,12 @@ class DEQLayer(keras.layers.Layer):
         correction_states: the iterates N it weighs. Defaults to `3`.
         correction_decay: w_k ∝ decay^(N−1−k), in (0, 1]. Defaults to
             `0.8`.
+        random_start: σ > 0: every training solve starts from the default
+            first iterate plus fresh N(0, σ²) noise, so that the model
+            learns to reach its fixed point from anywhere (path
+            independence; Anil et al., NeurIPS 2022). Calls outside
+            training start as usual. `override_training(random_start=...)`
+            overrides it. Defaults to `None` (no noise).
         seed: int seed of the penalty's gate and probes. Defaults to `None`
             (drawn from Keras' global seed).
         sample_axes: how many leading axes of the state index separately
@@ -211,6 +218,9 @@ class DEQLayer(keras.layers.Layer):
         Regularization", ICML 2021.
     """
 
+    # Checkpoints keep the state of the random starts' draws.
+    saved_seed_generators = ("_start_seed_generator",)
+
     def __init__(
         self,
         block: keras.layers.Layer,
@@ -231,6 +241,7 @@ class DEQLayer(keras.layers.Layer):
         correction_weight: float = 0.0,
         correction_states: int = 3,
         correction_decay: float = 0.8,
+        random_start: float | None = None,
         seed: int | None = None,
         sample_axes: int = 1,
         solver_options: dict | None = None,
@@ -261,6 +272,8 @@ class DEQLayer(keras.layers.Layer):
         validation.check_range("phantom_tau", phantom_tau, 0, 1, low_open=True)
         validation.check_int("sample_axes", sample_axes, 1)
         validation.check_nonnegative("correction_weight", correction_weight)
+        if random_start is not None:
+            validation.check_positive("random_start", random_start)
         validation.check_int("correction_states", correction_states, 1)
         validation.check_range(
             "correction_decay", correction_decay, 0, 1, low_open=True
@@ -294,6 +307,9 @@ class DEQLayer(keras.layers.Layer):
         self.correction_weight = float(correction_weight)
         self.correction_states = correction_states
         self.correction_decay = float(correction_decay)
+        self.random_start = (
+            None if random_start is None else float(random_start)
+        )
         self.seed = seed
         self.sample_axes = sample_axes
         self.solver_options = solver_options
@@ -333,7 +349,8 @@ class DEQLayer(keras.layers.Layer):
         self._state_spec = None
         self._training_overrides = {}
         self._inference_overrides = {}
-        # Draws of `override_training(random_start=...)`.
+        # Draws of `random_start` (and `override_training(random_start=...)`),
+        # saved in checkpoints so a resumed run draws the same starts.
         self._start_seed_generator = keras.random.SeedGenerator(
             seed, name="start_seed_generator"
         )
@@ -750,6 +767,16 @@ class DEQLayer(keras.layers.Layer):
         """The settings `override_inference` set (read-only copy)."""
         return dict(self._inference_overrides)
 
+    def _random_start(self, training):
+        """`(σ, seed)` of the first iterate's noise in a call, or `None`."""
+        if not training:
+            return self._inference_overrides.get("random_start")
+        if "random_start" in self._training_overrides:
+            return self._training_overrides["random_start"]
+        if self.random_start is None:
+            return None
+        return (self.random_start, self._start_seed_generator)
+
     def _budget(self, training):
         """`(max_iter, tol)` of a call, overrides applied."""
         overrides = (
@@ -769,11 +796,7 @@ class DEQLayer(keras.layers.Layer):
         max_iter, tol = self._budget(training)
         if initial_state is None:
             z0 = self._initial_state(x)
-            start = (
-                self._training_overrides
-                if training
-                else self._inference_overrides
-            ).get("random_start")
+            start = self._random_start(training)
             if start is not None:
                 z0 = _perturbed(z0, *start)
         else:
@@ -958,6 +981,7 @@ class DEQLayer(keras.layers.Layer):
                 "correction_weight": self.correction_weight,
                 "correction_states": self.correction_states,
                 "correction_decay": self.correction_decay,
+                "random_start": self.random_start,
                 "seed": self.seed,
                 "sample_axes": self.sample_axes,
                 "solver_options": dict(self.solver_options),
