@@ -275,10 +275,11 @@ def evaluate_deq(model, length, budgets, bits, parity):
 
 
 def budgets_for(length, train_length):
-    """The training budget, then up to twice the length's."""
-    train = budget_for(train_length)
-    grid = {train, budget_for(length), 2 * budget_for(length)}
-    grid |= {b for b in range(8, 2 * budget_for(length), 8)}
+    """Powers of 2 from 8, the training budget, the length's budget and
+    twice that."""
+    top = 2 * budget_for(length)
+    grid = {budget_for(train_length), budget_for(length), top}
+    grid |= {2**k for k in range(3, top.bit_length()) if 2**k < top}
     return sorted(grid)
 
 
