@@ -385,7 +385,7 @@ def headline(rows, train_length):
 def draw(rows, path):
     """Whole-string accuracy against the budget, one curve per length."""
     plt = plotting.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     lengths = sorted({r["length"] for r in rows})
     colors = plt.cm.viridis(np.linspace(0.1, 0.9, len(lengths)))
     markers = {"tied": "s", "untied": "^"}
@@ -412,7 +412,7 @@ def draw(rows, path):
     ax.set_xlabel("iterations at test time (explicit networks: depth)")
     ax.set_ylabel("strings exactly right (%)")
     ax.set_title("prefix sums: trained on 32 bits, solved by iterating longer")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     plotting.save(fig, path)
 
 

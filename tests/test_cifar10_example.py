@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import keras_deq
 from examples import cifar10_mdeq
 from tests.summaries import tensorboard_tags
 
@@ -204,3 +205,21 @@ def test_multi_worker_training_ends_with_identical_weights(tmp_path):
     assert len(history["loss"]) == 2 and np.isfinite(history["loss"]).all()
     assert os.path.exists(tmp_path / "export" / "saved_model.pb")
     assert os.path.exists(tmp_path / "run" / "worker_1_scratch")
+
+
+def test_the_example_builds_the_papers_configuration_not_the_defaults():
+    deq = cifar10_mdeq.build_model(widths=(8, 16), expansion=1).deq
+    assert (deq.gradient, deq.max_iter, deq.backward_max_iter) == (
+        "implicit",
+        7,
+        8,
+    )
+    assert float(deq.jac_weight.numpy()) == 0.5
+    np.testing.assert_allclose(deq.jac_freq.numpy(), 0.05)
+    assert deq.correction_weight == 0.0 and deq.random_start is None
+    dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
+    assert all(d.rate == 0.25 for d in dropouts)
+    # The model's own defaults differ on each of these.
+    default = keras_deq.models.MDEQClassifier(10, widths=(8, 16)).deq
+    assert default.gradient != deq.gradient
+    assert default.correction_weight > 0 and default.random_start

@@ -17,11 +17,9 @@ def images(n=4, size=32, seed=0):
     return rng.normal(size=(n, size, size, 3)).astype("float32")
 
 
-def check_table4_solver_and_penalty(deq):
+def check_table4_solver(deq):
     assert (deq.solver, deq.max_iter, deq.tol) == ("broyden", 7, 1e-3)
     assert (deq.backward_max_iter, deq.backward_tol) == (8, 1e-4)
-    assert float(deq.jac_weight.numpy()) == 0.5
-    np.testing.assert_allclose(deq.jac_freq.numpy(), 0.05)
     wn = [
         layer
         for layer in deq.block._flatten_layers()
@@ -48,9 +46,13 @@ def test_default_model_has_four_resolutions_and_its_documented_defaults():
         (None, 4, 4, 224),
     ]
     assert model.output.shape == (None, 10)
-    check_table4_solver_and_penalty(deq)
+    check_table4_solver(deq)
     # The departures from Table 4 (see the class docstring).
-    assert deq.gradient == "unrolled"
+    assert deq.gradient == "phantom" and deq.phantom_steps == 1
+    assert float(deq.jac_weight.numpy()) == 1.0
+    assert float(deq.jac_freq.numpy()) == 1.0
+    assert (deq.correction_weight, deq.correction_states) == (1.0, 3)
+    assert deq.random_start == 1.0
     dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
     assert len(dropouts) == 4 and all(d.rate == 0.0 for d in dropouts)
     assert deq.block.branches[0][0].layer.filters == 2 * 28
@@ -60,8 +62,11 @@ def test_default_model_has_four_resolutions_and_its_documented_defaults():
 def test_paper_configuration_is_table4():
     model = MDEQClassifier(10, seed=0, **MDEQClassifier.PAPER_CIFAR10)
     deq = model.deq
-    check_table4_solver_and_penalty(deq)
+    check_table4_solver(deq)
     assert deq.gradient == "implicit"
+    assert float(deq.jac_weight.numpy()) == 0.5
+    np.testing.assert_allclose(deq.jac_freq.numpy(), 0.05)
+    assert deq.correction_weight == 0.0 and deq.random_start is None
     dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
     assert len(dropouts) == 4 and all(d.rate == 0.25 for d in dropouts)
     assert abs(init_stddev(deq) - 0.01) < 0.001
@@ -251,7 +256,14 @@ def test_group_norm_on_another_axis_is_keras_own():
 
 def test_an_ensemble_of_two_models_logs_and_steers_each_layer():
     # Unrolled at 3 and 9 steps, the forward NFE is exactly max_iter.
-    small = dict(SMALL, widths=(8,), input_shape=(4, 4, 3), tol=1e-12)
+    small = dict(
+        SMALL,
+        widths=(8,),
+        input_shape=(4, 4, 3),
+        tol=1e-12,
+        gradient="unrolled",
+        jac_weight=0.5,
+    )
     first = MDEQClassifier(3, max_iter=3, **small)
     second = MDEQClassifier(3, max_iter=9, **small)
     assert (first.deq.name, second.deq.name) == ("deq", "deq_1")
@@ -274,8 +286,8 @@ def test_an_ensemble_of_two_models_logs_and_steers_each_layer():
     ).history
     assert history["deq_forward_nfe"] == [3.0]
     assert history["deq_1_forward_nfe"] == [9.0]
-    # Each γ moved by its own layer's NFE: 3 < 5 − 1 halves the default
-    # 0.5, 9 > 5 doubles it.
+    # Each γ moved by its own layer's NFE: 3 < 5 − 1 halves 0.5, 9 > 5
+    # doubles it.
     assert float(first.deq.jac_weight.numpy()) == pytest.approx(0.25)
     assert float(second.deq.jac_weight.numpy()) == pytest.approx(1.0)
 
