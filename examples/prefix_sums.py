@@ -353,7 +353,7 @@ def run(
                 indent=1,
             )
         if plot:
-            draw(rows, os.path.join(output_dir, "accuracy.png"))
+            draw(rows, os.path.join(output_dir, "accuracy.png"), train_length)
     return {"rows": rows, "seconds": seconds, "model": deq}
 
 
@@ -382,7 +382,7 @@ def headline(rows, train_length):
     return "\n".join(lines)
 
 
-def draw(rows, path):
+def draw(rows, path, train_length=32):
     """Whole-string accuracy against the budget, one curve per length."""
     plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -411,7 +411,10 @@ def draw(rows, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("iterations at test time (explicit networks: depth)")
     ax.set_ylabel("strings exactly right (%)")
-    ax.set_title("prefix sums: trained on 32 bits, solved by iterating longer")
+    ax.set_title(
+        f"prefix sums: trained on {train_length} bits, solved by iterating "
+        "longer"
+    )
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     plotting.save(fig, path)
 
