@@ -25,6 +25,10 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
 
 Prints one row per run and writes them to `--output` (JSON); `--plot`
 draws accuracy and residual against the test-time iterations.
+`--step_times=N` only times the levers' training steps, alternating:
+
+    python -m benchmarks.mdeq_equilibrium --levers=unrolled,defaults \
+        --step_times=20
 """
 
 import os
@@ -39,6 +43,7 @@ import keras  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from benchmarks.digits import WIDTHS  # noqa: E402
 from benchmarks.digits import digits_images  # noqa: E402
 from keras_deq import diagnostics  # noqa: E402
@@ -113,19 +118,52 @@ _OUTPUT = flags.DEFINE_string(
     "output", "mdeq_equilibrium.json", "Where to write the JSON results."
 )
 _PLOT = flags.DEFINE_string("plot", None, "A PNG of the reports, if given.")
+_STEP_TIMES = flags.DEFINE_integer(
+    "step_times",
+    0,
+    "If > 0: only time training steps of each lever, this many rounds "
+    "(one step per lever per round, alternating, after a traced warm-up); "
+    "prints the median seconds per step and its ratio to the first lever.",
+)
 
 
-def train(lever, seed, epochs, budgets, starts):
-    """One run: the trained model's equilibrium report and its time."""
-    model_kwargs = LEVERS[lever]
+def _compiled(lever, seed):
     keras.utils.set_random_seed(seed)
-    (x, y), (x_test, y_test) = digits_images()
-    model = MDEQClassifier(10, widths=WIDTHS, seed=seed, **model_kwargs)
+    model = MDEQClassifier(10, widths=WIDTHS, seed=seed, **LEVERS[lever])
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    return model
+
+
+def step_times(levers, seed, rounds):
+    """Median seconds of one training step (batch 64) per lever.
+
+    Alternates the levers step by step, so that a load that comes and goes
+    on the machine reaches every lever alike.
+    """
+    (x, y), _ = digits_images()
+    x, y = x[:64], y[:64]
+    models = {lever: _compiled(lever, seed) for lever in levers}
+    for model in models.values():  # traces the train function
+        model.train_on_batch(x, y)
+        model.train_on_batch(x, y)
+    times = {lever: [] for lever in levers}
+    for _ in range(rounds):
+        for lever, model in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[lever].append(time.perf_counter() - start)
+    return {lever: timing.summary(t) for lever, t in times.items()}
+
+
+def train(lever, seed, epochs, budgets, starts):
+    """One run: the trained model's equilibrium report and its time."""
+    model_kwargs = LEVERS[lever]
+    (x, y), (x_test, y_test) = digits_images()
+    model = _compiled(lever, seed)
     start = time.perf_counter()
     history = model.fit(x, y, batch_size=64, epochs=epochs, verbose=0)
     seconds = time.perf_counter() - start
@@ -165,6 +203,18 @@ def main(argv):
         raise app.UsageError(
             f"--budgets takes numbers. Got {_BUDGETS.value}"
         ) from None
+    if _STEP_TIMES.value:
+        times = step_times(levers, int(_SEEDS.value[0]), _STEP_TIMES.value)
+        first = times[levers[0]]["median"]
+        for lever, t in times.items():
+            print(
+                f"{lever:36s} {t['median']:.3f} s/step "
+                f"({t['min']:.3f}-{t['max']:.3f}), "
+                f"{t['median'] / first:.2f}x {levers[0]}"
+            )
+        with open(_OUTPUT.value, "w") as f:
+            json.dump({"step_times": times}, f, indent=1)
+        return
     runs = []
     print(
         "lever                    seed  acc@1x acc@4x  res@1x   res@4x  "

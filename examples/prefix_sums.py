@@ -14,7 +14,9 @@ injection,
 
     f(z, x)_i = ReLU(W₂ ReLU(Σ_{j=1..k} A_j z_{i−j} + x_i + b₁) + b₂),
 
-which reads the k states before position i (`--kernel`), never z_i itself;
+which reads the k states before position i (`--kernel`, 1 by default:
+wider taps let the model learn shortcuts that hold on the training length
+only; the README has the measurement), never z_i itself;
 x is a learned per-bit embedding (a 1×1 convolution of the bits). Its
 Jacobian is strictly lower block-triangular, so plain fixed-point
 iteration reaches the fixed point exactly, in at most L + 1 evaluations
@@ -34,7 +36,7 @@ receptive field is 34 · k positions.
 The script writes `results.json` under `--output_dir` (a list `rows`: one
 object per model, length and budget, with `model`, `length`, `budget`,
 `accuracy` (whole strings right), `bit_accuracy`, `nfe`, `residual`
-(median relative residual of the DEQ's solve) and `path_agreement` (the
+(the DEQ solve's mean relative residual) and `path_agreement` (the
 fraction of strings whose answer is the same from N(0, 1) first iterates),
 and `accuracy.png`: the DEQ's accuracy against its budget, one curve per
 length, with the baselines as points.

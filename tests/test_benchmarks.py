@@ -519,6 +519,23 @@ def test_mdeq_equilibrium_script(tmp_path):
 
 
 @pytest.mark.large
+def test_mdeq_equilibrium_step_times(tmp_path):
+    pytest.importorskip("sklearn")
+    data, stdout = run_module(
+        "mdeq_equilibrium",
+        tmp_path,
+        "--levers=unrolled,defaults",
+        "--step_times=2",
+        timing_flags=False,
+    )
+    times = data["step_times"]
+    assert set(times) == {"unrolled", "defaults"}
+    for t in times.values():
+        assert 0 < t["min"] <= t["median"] <= t["max"]
+    assert "x unrolled" in stdout
+
+
+@pytest.mark.large
 def test_lm_equilibrium_script(tmp_path):
     data, stdout = run_module(
         "lm_equilibrium",
