@@ -304,13 +304,18 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
     averages each resolution of z* over space, concatenates them and maps
     them to logits with one Dense layer.
 
-    The defaults make an equilibrium model: its output is the fixed point,
-    reached from any first iterate, so a larger test-time budget
-    (`model.override_inference(max_iter=...)`) keeps or improves its
-    answers. They follow Table 4 (CIFAR-10) of Bai, Koltun & Kolter (2021)
-    -- widths (28, 56, 112, 224), GroupNorm, weight normalization, Broyden
-    with 7 forward NFEs and tolerance 1e-3, M = 1 -- with these
-    departures (the paper's values in `PAPER_CIFAR10`):
+    The defaults aim at an equilibrium model: an output that is the fixed
+    point, reached from any first iterate, so that a larger test-time
+    budget (`model.override_inference(max_iter=...)`) keeps its answers.
+    They get most of the way (the solve converges with more iterations
+    and the answers hardly depend on the start), not all of it: on some
+    seeds the converged fixed point answers worse than the 7 iterations
+    the model was trained at. Check a trained model with
+    `keras_deq.diagnostics.equilibrium_report`. They follow Table 4
+    (CIFAR-10) of Bai, Koltun & Kolter (2021) -- widths (28, 56, 112,
+    224), GroupNorm, weight normalization, Broyden with 7 forward NFEs
+    and tolerance 1e-3, M = 1 -- with these departures (the paper's
+    values in `PAPER_CIFAR10`):
 
     - training: the phantom gradient (one step from z*, `gradient=
       "phantom"`; the paper's is implicit), which needs no backward solve
@@ -331,8 +336,8 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
     random starts, 7 Broyden steps leave z* far from an equilibrium; the
     unrolled gradient then trains a 7-step network, whose accuracy falls
     when solved further, and the implicit gradient, which assumes an
-    equilibrium, does not learn. With all four the solve converges within
-    the budget's multiples and answers do not depend on the start.
+    equilibrium, does not learn. With all four the solve converges at
+    2-4× the budget and the answers hardly depend on the start.
 
     The paper's model is `MDEQClassifier(num_classes,
     **MDEQClassifier.PAPER_CIFAR10)`; `examples/cifar10_mdeq.py` builds it.
