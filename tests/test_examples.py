@@ -144,6 +144,10 @@ def test_synthetic_1d_command_line(tmp_path):
             ["--data_dir", "--epochs", "runs/wikitext103_transformer"],
         ),
         ("synthetic_1d.py", ["--gammas", "runs/synthetic_1d"]),
+        (
+            "prefix_sums.py",
+            ["--lengths", "--kernel", "--seed", "runs/prefix_sums"],
+        ),
     ],
 )
 def test_help_lists_every_flag_a_user_needs_and_exits_0(script, expected):
