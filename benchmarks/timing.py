@@ -1,4 +1,4 @@
-"""Timing helpers: warm-ups, then medians (the method in README.md here)."""
+"""Timing helpers: warm-ups, then medians (the method in docs/benchmarks.md)."""
 
 import json
 import os

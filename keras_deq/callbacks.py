@@ -134,12 +134,12 @@ class JacobianSchedule(_DEQCallback):
             `None` (never).
         layers: names of the DEQLayers to steer. Defaults to all of them.
 
-    Example:
+    Examples:
 
-    ```python
-    model.fit(ds, epochs=23, callbacks=[
-        keras_deq.callbacks.JacobianSchedule(1.6, 2.5, epochs=23)])
-    ```
+        ```python
+        model.fit(ds, epochs=23, callbacks=[
+            keras_deq.callbacks.JacobianSchedule(1.6, 2.5, epochs=23)])
+        ```
     """
 
     def __init__(

@@ -54,14 +54,14 @@ def override_inference(
     Returns:
         The DEQLayers that were set.
 
-    Example:
+    Examples:
 
-    ```python
-    trained = model.evaluate(x, y, return_dict=True)
-    keras_deq.diagnostics.override_inference(model, max_iter=4 * 7)
-    longer = model.evaluate(x, y, return_dict=True)
-    keras_deq.diagnostics.override_inference(model)  # back as trained
-    ```
+        ```python
+        trained = model.evaluate(x, y, return_dict=True)
+        keras_deq.diagnostics.override_inference(model, max_iter=4 * 7)
+        longer = model.evaluate(x, y, return_dict=True)
+        keras_deq.diagnostics.override_inference(model)  # back as trained
+        ```
     """
     targets = find_deq_layers(model, layers)
     for layer in targets:
@@ -133,14 +133,14 @@ def equilibrium_report(
         `num_starts`, `distance_median`, `distance_max`, `agreement`) or
         `None`.
 
-    Example:
+    Examples:
 
-    ```python
-    report = keras_deq.diagnostics.equilibrium_report(
-        model, x_test, y_test, metric="sparse_categorical_accuracy")
-    [(row["max_iter"], row["metric"]) for row in report["rows"]]
-    report["path"]["agreement"]  # 1.0 for a path-independent model
-    ```
+        ```python
+        report = keras_deq.diagnostics.equilibrium_report(
+            model, x_test, y_test, metric="sparse_categorical_accuracy")
+        [(row["max_iter"], row["metric"]) for row in report["rows"]]
+        report["path"]["agreement"]  # 1.0 for a path-independent model
+        ```
     """
     deq = _the_layer(model, layer)
     if not budgets or any(b <= 0 for b in budgets):
@@ -300,13 +300,13 @@ class EquilibriumMonitor(keras.callbacks.Callback):
         num_starts: random first iterates. Defaults to `2`.
         layer: name of the DEQLayer. Defaults to `None` (the only one).
 
-    Example:
+    Examples:
 
-    ```python
-    monitor = keras_deq.diagnostics.EquilibriumMonitor(
-        x_val, y_val, metric="sparse_categorical_accuracy", every=5)
-    model.fit(x, y, epochs=20, callbacks=[monitor])
-    ```
+        ```python
+        monitor = keras_deq.diagnostics.EquilibriumMonitor(
+            x_val, y_val, metric="sparse_categorical_accuracy", every=5)
+        model.fit(x, y, epochs=20, callbacks=[monitor])
+        ```
     """
 
     def __init__(

@@ -191,17 +191,17 @@ def register(
             the `backward_nfe` and `backward_residual` metrics. Defaults to
             `False`.
 
-    Example:
+    Examples:
 
-    ```python
-    def damped_phantom(problem):
-        forward = problem.solve()
-        z = keras_deq.gradients.phantom(problem.f, forward.z, 3, 0.5)
-        return z, forward
+        ```python
+        def damped_phantom(problem):
+            forward = problem.solve()
+            z = keras_deq.gradients.phantom(problem.f, forward.z, 3, 0.5)
+            return z, forward
 
-    keras_deq.gradients.register("damped_phantom", damped_phantom)
-    layer = keras_deq.DEQLayer(block, gradient="damped_phantom")
-    ```
+        keras_deq.gradients.register("damped_phantom", damped_phantom)
+        layer = keras_deq.DEQLayer(block, gradient="damped_phantom")
+        ```
     """
     if not isinstance(name, str) or not name:
         raise ValueError(

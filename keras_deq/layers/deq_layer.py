@@ -197,20 +197,22 @@ class DEQLayer(SavedSeedState, keras.layers.Layer):
         The state's structure and shapes: that of `block.initial_state(x)`,
         or of `x`.
 
-    Example:
+    Examples:
 
-    ```python
-    @keras.saving.register_keras_serializable()
-    class Cell(keras.layers.Layer):
-        def build(self, z_shape, x_shape):
-            self.dense = keras.layers.Dense(z_shape[-1], activation="tanh")
-            self.dense.build(z_shape)
+        ```python
+        @keras.saving.register_keras_serializable()
+        class Cell(keras.layers.Layer):
+            def build(self, z_shape, x_shape):
+                self.dense = keras.layers.Dense(z_shape[-1], activation="tanh")
+                self.dense.build(z_shape)
 
-        def call(self, z, x, training=None):
-            return self.dense(z) + x
+            def call(self, z, x, training=None):
+                return self.dense(z) + x
 
-    model = keras.Sequential([keras.Input((64,)), keras_deq.DEQLayer(Cell())])
-    ```
+        model = keras.Sequential(
+            [keras.Input((64,)), keras_deq.DEQLayer(Cell())]
+        )
+        ```
 
     References:
         Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.

@@ -27,41 +27,41 @@ class PerSolveNoise(Protocol):
 
     `keras_deq.layers.VariationalDropout` implements it.
 
-    Example:
+    Examples:
 
-    ```python
-    @keras.saving.register_keras_serializable()
-    class GaussianNoise(keras.layers.Layer):
-        def __init__(self, stddev, **kwargs):
-            super().__init__(**kwargs)
-            self.stddev = stddev
-            self.seed_generator = keras.random.SeedGenerator()
-            self._noise = None
+        ```python
+        @keras.saving.register_keras_serializable()
+        class GaussianNoise(keras.layers.Layer):
+            def __init__(self, stddev, **kwargs):
+                super().__init__(**kwargs)
+                self.stddev = stddev
+                self.seed_generator = keras.random.SeedGenerator()
+                self._noise = None
 
-        def build(self, shape):
-            self.units = shape[-1]
+            def build(self, shape):
+                self.units = shape[-1]
 
-        def draw_noise(self, batch_size):
-            return keras.random.normal(
-                (batch_size, self.units), stddev=self.stddev,
-                seed=self.seed_generator,
-            )
+            def draw_noise(self, batch_size):
+                return keras.random.normal(
+                    (batch_size, self.units), stddev=self.stddev,
+                    seed=self.seed_generator,
+                )
 
-        @contextlib.contextmanager
-        def fixed_noise(self, noise):
-            previous, self._noise = self._noise, noise
-            try:
-                yield
-            finally:
-                self._noise = previous
+            @contextlib.contextmanager
+            def fixed_noise(self, noise):
+                previous, self._noise = self._noise, noise
+                try:
+                    yield
+                finally:
+                    self._noise = previous
 
-        def call(self, inputs, training=None):
-            if not training:
-                return inputs
-            if self._noise is None:
-                return inputs + self.draw_noise(keras.ops.shape(inputs)[0])
-            return inputs + self._noise
-    ```
+            def call(self, inputs, training=None):
+                if not training:
+                    return inputs
+                if self._noise is None:
+                    return inputs + self.draw_noise(keras.ops.shape(inputs)[0])
+                return inputs + self._noise
+        ```
     """
 
     def draw_noise(self, batch_size: Any) -> Any:

@@ -55,12 +55,12 @@ def apply_spectral_norm(
     Returns:
         The paths of the bounded kernels.
 
-    Example:
+    Examples:
 
-    ```python
-    block.build(z_shape, x_shape)
-    keras_deq.layers.apply_spectral_norm(block, max_norm=0.9)
-    ```
+        ```python
+        block.build(z_shape, x_shape)
+        keras_deq.layers.apply_spectral_norm(block, max_norm=0.9)
+        ```
 
     Reference:
         Miyato et al., "Spectral Normalization for Generative Adversarial

@@ -31,12 +31,12 @@ class WeightNormalization(keras.layers.Wrapper):
         layer: the `Dense` or convolution layer to wrap.
         **kwargs: base layer arguments.
 
-    Example:
+    Examples:
 
-    ```python
-    conv = keras_deq.layers.WeightNormalization(
-        keras.layers.Conv2D(64, 3, padding="same"))
-    ```
+        ```python
+        conv = keras_deq.layers.WeightNormalization(
+            keras.layers.Conv2D(64, 3, padding="same"))
+        ```
 
     Reference:
         Salimans & Kingma, "Weight Normalization: A Simple

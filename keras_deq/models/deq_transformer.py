@@ -338,51 +338,25 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
     Defaults follow Table 4 (WikiText-103) of Bai, Koltun & Kolter (2021)
     and the original DEQ-Transformer -- width 700, 10 heads, feed-forward
     width 48000, post-LN, variational dropout 0.06, weight normalization,
-    Broyden with 12 forward / 12 backward NFEs
-    and tolerances 1e-3 / 1e-4, Jacobian penalty γ = 1.6 with p = 0.35
-    (`keras_deq.callbacks.JacobianSchedule(1.6, 2.5, ...)` raises γ over
-    training, as the paper does), M = 1. The training sequence length (150)
-    is the data pipeline's; the model takes any length. Unlike the original
-    it has a full softmax (no adaptive softmax) and no Transformer-XL
-    memory of the previous segment.
+    Broyden with 12 forward / 12 backward NFEs and tolerances 1e-3 / 1e-4,
+    Jacobian penalty with p = 0.35, M = 1. The training sequence length
+    (150) is the data pipeline's; the model takes any length. Unlike the
+    original it has a full softmax (no adaptive softmax) and no
+    Transformer-XL memory of the previous segment. Two departures from
+    Table 4, whose measurements are on the docs' Models page:
 
-    Two departures from Table 4 in the defaults. The first is γ at small
-    widths: `jac_weight=None` is γ = 1.6 · min(1, √(hidden_dim / 700)), the
-    paper's 1.6 at its width 700 and less below it (0.68 at width 128,
-    0.48 at 64), because the penalty binds harder on a narrow model. Measured
-    at width 128 (post-LN, char-level text, seeds 0 / 2; an explicit
-    one-layer transformer of the same width reaches 5.51 / 6.08): γ = 1.6
-    ends at perplexity 6.71 / 7.68 (1.22 / 1.26 × the explicit layer),
-    γ = 0.68 at 5.73 / 6.01 (1.04 / 0.99 ×), still at a lower forward NFE
-    than without the penalty (10.2 against 11.7). A number sets γ as given.
-    Across widths (`benchmarks/lm_widths.py`, 264 steps of char-level
-    text with Adam 1e-3, seed 0) the defaults reach 0.27–0.34 × the
-    unigram perplexity at widths 128–448 and 0.43 at 64, within 0.87–1.23 ×
-    an explicit layer of the same width.
+    - γ follows the width: `jac_weight=None` is
+      γ = 1.6 · min(1, √(hidden_dim / 700)), the paper's 1.6 at its width
+      700 and less below it (0.68 at width 128), because the penalty binds
+      harder on a narrow model. A number sets γ as given.
+    - initialisation: `init_stddev=None` draws each projection from
+      N(0, 1/fan_in) and the embedding from N(0, 1/hidden_dim), so
+      embedded tokens (×√hidden_dim) have unit scale like the sine
+      positions; with the paper's N(0, 0.01²) a small model's injection
+      hardly moves z* and it learns little beyond token frequencies.
 
-    Width 700 wants Table 4's learning rate, 2.5e-4 (the WikiText
-    example's default). At Adam 1e-3 it learns the slowest (0.48–0.53 ×
-    unigram in 264 steps) and its training loss rises after about 200
-    steps while the forward and backward solves still converge (relative
-    residuals below 6e-3), so it is not a solver failure; without the
-    penalty the loss keeps falling at 1e-3 but the forward does not
-    converge (residual 2.4e-2). What fails is γ = 1.6 at four times the
-    paper's rate. At 2.5e-4 the same 264 steps reach 0.249–0.253
-    (post-LN) and 0.248–0.256 (pre-LN) × unigram on seeds 0–2, 0.96–1.02 ×
-    an explicit layer trained at 1e-3, and the loss keeps falling over 528
-    steps; the forward then uses most of its 12 NFEs (11.1–11.5, residual
-    3.6e-3 to 6.3e-3; `benchmarks/README.md`).
-
-    The second is initialisation: the
-    paper draws every weight from N(0, 0.01²); here `init_stddev=None`
-    draws each projection from N(0, 1/fan_in) and the embedding from
-    N(0, 1/hidden_dim), so embedded tokens (×√hidden_dim) have unit scale
-    like the sine positions. Measured at width 128 (char-level text, Adam
-    1e-3, 2 epochs): with N(0, 0.01²) the injection is so small against
-    the LayerNorm'd state that changing every token moves z* by 6%
-    (64% with the default), and the model ends at the unigram perplexity
-    (20.75 against 20.70); with the default it reaches 0.28–0.32 × unigram
-    with the penalty on. The paper's configuration is
+    Train width 700 at Table 4's learning rate 2.5e-4 (the WikiText
+    example's default). The paper's configuration is
     `DEQTransformerLM(vocab_size, init_stddev=0.01, jac_weight=1.6)` with
     `keras_deq.callbacks.JacobianSchedule(1.6, 2.5, epochs=...)`.
 
@@ -394,18 +368,28 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
     every `DEQLayer` argument is a keyword argument of the model too
     (`DEQTransformerLM(vocab_size, max_iter=30, solver_options={"memory":
     8})`); `get_config` saves them with their current values (γ and p as
-    callbacks left them). `jac_weight=None` is the width-aware γ above.
-    `sample_axes=2` is what makes the output causal exactly and the cached
-    decoding (`decode_step`, `generate`) equal to a full re-solve; with 1,
-    both hold to within the tolerance only.
+    callbacks left them). `sample_axes=2` is what makes the output causal
+    exactly and the cached decoding (`decode_step`, `generate`) equal to a
+    full re-solve; with 1, both hold to within the tolerance only.
 
     Args:
         vocab_size: number of token ids.
-        hidden_dim, num_heads, intermediate_dim, norm, dropout,
-        weight_norm, init_stddev, layer_norm_epsilon: of the block (and
-            `dropout` also on the embedded input and before the head).
+        hidden_dim: width of the state and the embedding. Defaults to 700.
+        num_heads: attention heads; must divide `hidden_dim`. Defaults to
+            10.
+        intermediate_dim: hidden width of the feed-forward block. Defaults
+            to 48000.
+        norm: `"post"` or `"pre"` LayerNorm placement in the block.
+            Defaults to `"post"`.
+        dropout: variational dropout rate in the block, on the embedded
+            input and before the head. Defaults to 0.06.
+        weight_norm: wrap every projection in `WeightNormalization`.
+            Defaults to `True`.
+        init_stddev: standard deviation of the initial weights, or `None`
+            for 1/√fan_in per projection. Defaults to `None`.
+        layer_norm_epsilon: LayerNormalization ε. Defaults to 1e-5.
         seed: int seed of initialisers, dropout and the `DEQLayer`'s
-            penalty draws.
+            penalty draws. Defaults to `None`.
         deq_name: name of the model's `DEQLayer`, which prefixes its
             statistics (`{deq_name}_forward_nfe`, ...). Defaults to `None`:
             `"deq"`, or `"deq_1"`, `"deq_2"`, ... for later models in the
@@ -414,6 +398,20 @@ class DEQTransformerLM(_deq_options.ConfigMixin, keras.Model):
         **kwargs: any `DEQLayer` argument but `seed` (`solver`, `max_iter`,
             `tol`, `gradient`, `jac_weight`, ...; see `DEQ_DEFAULTS`), and
             `keras.Model` arguments (`name`, `dtype`, `trainable`).
+
+    Examples:
+
+        ```python
+        model = keras_deq.models.DEQTransformerLM(
+            vocab_size, hidden_dim=128, num_heads=4, intermediate_dim=256
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(2.5e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(inputs, targets, batch_size=16, epochs=8)
+        continuation = model.generate(prompt_ids, 64)
+        ```
     """
 
     _TRACED = ("_next_logits", "_decode", "_decode_compiled")

@@ -41,7 +41,7 @@ class GroupNorm(keras.layers.GroupNormalization):
     squared in one op (`squared_difference`), and the output is one affine
     map per sample and channel, x·a + b, so no centred copy of the input is
     kept. Forward half of Keras' time on a 2-core CPU, with its gradient
-    two thirds (the timings are in `benchmarks/README.md`). Other axes fall
+    two thirds (the timings are in `docs/benchmarks.md`). Other axes fall
     back to Keras' computation.
     """
 
@@ -307,57 +307,49 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
     The defaults aim at an equilibrium model: an output that is the fixed
     point, reached from any first iterate, so that a larger test-time
     budget (`model.override_inference(max_iter=...)`) keeps its answers.
-    They get most of the way (the solve converges with more iterations
-    and the answers hardly depend on the start), not all of it: on some
-    seeds the converged fixed point answers worse than the 7 iterations
-    the model was trained at. Check a trained model with
-    `keras_deq.diagnostics.equilibrium_report`. They follow Table 4
-    (CIFAR-10) of Bai, Koltun & Kolter (2021) -- widths (28, 56, 112,
-    224), GroupNorm, weight normalization, Broyden with 7 forward NFEs
-    and tolerance 1e-3, M = 1 -- with these departures (the paper's
-    values in `PAPER_CIFAR10`):
+    Check a trained model with `keras_deq.diagnostics.equilibrium_report`.
+    They follow Table 4 (CIFAR-10) of Bai, Koltun & Kolter (2021) --
+    widths (28, 56, 112, 224), GroupNorm, weight normalization, Broyden
+    with 7 forward NFEs and tolerance 1e-3, M = 1 -- with these departures
+    (the paper's values in `PAPER_CIFAR10`):
 
-    - training: the phantom gradient (one step from z*, `gradient=
-      "phantom"`; the paper's is implicit), which needs no backward solve
-      and keeps training memory constant in `max_iter`;
+    - the phantom gradient (one step from z*; the paper's is implicit),
+      which needs no backward solve and keeps training memory constant in
+      `max_iter`;
     - the Jacobian penalty on every step, γ = 1, p = 1 (γ 0.5, p 0.05);
     - the fixed-point correction loss, λ = 1 over the first 3 iterates
-      (`correction_weight`; none in the paper): f learns to reach its
-      fixed point in few steps;
-    - every training solve starts from N(0, 1) noise around the zero
-      first iterate (`random_start=1.0`; Anil et al., NeurIPS 2022), so
-      the fixed point is learnt as one reached from anywhere;
+      (`correction_weight`; none in the paper);
+    - training solves start from N(0, 1) noise around the zero first
+      iterate (`random_start=1.0`; Anil et al., NeurIPS 2022);
     - residual blocks expanded 2× (5×), no variational dropout (0.25),
       conv weights from N(0, 0.05²) (N(0, 0.01²)).
 
-    Why, measured on scikit-learn's digits lever by lever (the table, its
-    command and the plots are in `benchmarks/README.md`, "Is it an
-    equilibrium model?"): trained without the penalty, the correction and
-    random starts, 7 Broyden steps leave z* far from an equilibrium; the
-    unrolled gradient then trains a 7-step network, whose accuracy falls
-    when solved further, and the implicit gradient, which assumes an
-    equilibrium, does not learn. With all four the solve converges at
-    2-4× the budget and the answers hardly depend on the start.
-
-    The paper's model is `MDEQClassifier(num_classes,
-    **MDEQClassifier.PAPER_CIFAR10)`; `examples/cifar10_mdeq.py` builds it.
+    The docs' Models page says why, with the measurements. The paper's
+    model is `MDEQClassifier(num_classes, **MDEQClassifier.PAPER_CIFAR10)`;
+    `examples/cifar10_mdeq.py` builds it.
 
     Every other `DEQLayer` argument is a keyword argument of the model too
     (`MDEQClassifier(10, max_iter=12, solver="anderson",
     solver_options={"m": 5})`), applied over `DEQ_DEFAULTS`; `get_config`
     saves them with their current values (γ and p as callbacks left them).
-
-    The model is functional (`model.deq` is the DEQLayer), so
-    `.keras` files, `model.export` and the `keras_deq.callbacks` work on it.
+    The model is functional (`model.deq` is the DEQLayer), so `.keras`
+    files, `model.export` and the `keras_deq.callbacks` work on it.
 
     Args:
         num_classes: number of classes.
         input_shape: image shape `(H, W, C)`. Defaults to `(32, 32, 3)`.
-        widths: channels per resolution, finest first.
-        expansion, num_groups, dropout, weight_norm, init_stddev: of the
-            `MDEQBlock`.
+        widths: channels per resolution, finest first. Defaults to
+            `(28, 56, 112, 224)`.
+        expansion: width factor inside the `MDEQBlock`'s residual blocks.
+            Defaults to 2.
+        num_groups: GroupNorm groups. Defaults to 4.
+        dropout: variational dropout rate in the block. Defaults to 0.
+        weight_norm: wrap the block's convolutions in
+            `WeightNormalization`. Defaults to `True`.
+        init_stddev: standard deviation of the initial conv weights.
+            Defaults to 0.05.
         seed: int seed of initialisers, dropout and the `DEQLayer`'s
-            penalty draws.
+            random draws. Defaults to `None`.
         deq_name: name of the model's `DEQLayer`, which prefixes its
             statistics (`{deq_name}_forward_nfe`, ...). Defaults to `None`:
             `"deq"`, or `"deq_1"`, `"deq_2"`, ... for later models in the
@@ -366,6 +358,22 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         **kwargs: any `DEQLayer` argument but `seed` (`solver`, `max_iter`,
             `tol`, `gradient`, `jac_weight`, ...; see `DEQ_DEFAULTS`), and
             `keras.Model` arguments (`name`, `dtype`, `trainable`).
+
+    Examples:
+
+        ```python
+        model = keras_deq.models.MDEQClassifier(
+            10, input_shape=(32, 32, 3), widths=(16, 32, 64, 128), seed=0
+        )
+        model.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        model.fit(images, labels, batch_size=64, epochs=8)
+        model.override_inference(max_iter=28)  # 4× the trained budget
+        model.evaluate(test_images, test_labels)
+        ```
     """
 
     # The paper's values where the defaults depart (Table 4, CIFAR-10).

@@ -31,10 +31,10 @@ def get(name: str) -> Callable[..., SolverResult]:
     Returns:
         The solver function.
 
-    Example:
+    Examples:
 
-    >>> get("anderson").__name__
-    'anderson'
+        >>> get("anderson").__name__
+        'anderson'
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(

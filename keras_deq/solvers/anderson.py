@@ -47,11 +47,12 @@ def anderson(
         A `SolverResult` with per-sample `z`, `nstep`, `abs_residual` and
         `rel_residual`.
 
-    Example:
+    Examples:
 
-    >>> res = anderson(lambda z: 0.9 * tf.cos(z), tf.zeros([1, 1]), 30, 1e-6)
-    >>> round(float(res.z[0, 0]), 4)
-    0.6948
+        >>> f = lambda z: 0.9 * tf.cos(z)
+        >>> res = anderson(f, tf.zeros([1, 1]), 30, 1e-6)
+        >>> round(float(res.z[0, 0]), 4)
+        0.6926
 
     Reference:
         Anderson, "Iterative procedures for nonlinear integral equations",

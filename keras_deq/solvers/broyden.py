@@ -80,12 +80,12 @@ def broyden(
         `rel_residual`, and as `inverse` the final estimate of (I − J_f)⁻¹,
         a `LowRankInverse` (the history buffer, with the last step's pair).
 
-    Example:
+    Examples:
 
-    >>> a = tf.constant([[1.5, 0.0], [0.0, 0.5]])
-    >>> res = broyden(lambda z: z @ a + 1.0, tf.zeros([1, 2]), 20, 1e-6)
-    >>> [round(float(v), 4) for v in res.z[0]]
-    [-2.0, 2.0]
+        >>> a = tf.constant([[1.5, 0.0], [0.0, 0.5]])
+        >>> res = broyden(lambda z: z @ a + 1.0, tf.zeros([1, 2]), 20, 1e-6)
+        >>> [round(float(v), 4) for v in res.z[0]]
+        [-2.0, 2.0]
 
     Reference:
         Broyden, "A class of methods for solving nonlinear simultaneous

@@ -34,11 +34,12 @@ def fixed_point(
         A `SolverResult` with per-sample `z`, `nstep`, `abs_residual` and
         `rel_residual`.
 
-    Example:
+    Examples:
 
-    >>> res = fixed_point(lambda z: 0.5 * z + 1.0, tf.zeros([2, 3]), 50, 1e-6)
-    >>> float(res.z[0, 0])  # doctest: +ELLIPSIS
-    1.99999...
+        >>> f = lambda z: 0.5 * z + 1.0
+        >>> res = fixed_point(f, tf.zeros([2, 3]), 50, 1e-6)
+        >>> float(res.z[0, 0])  # doctest: +ELLIPSIS
+        1.99999...
     """
     damping = validation.check_range(
         "damping", damping, 0.0, 1.0, low_open=True

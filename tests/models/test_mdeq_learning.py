@@ -30,7 +30,7 @@ CONFIG = dict(
 @pytest.mark.large
 @pytest.mark.xfail(
     strict=False,
-    reason="Not yet on every seed (benchmarks/README.md, 'Is it an "
+    reason="Not yet on every seed (docs/benchmarks.md, 'Is it an "
     "equilibrium model?'): seeds 1 and 2 lose 2.25 and 6 points at 4x the "
     "budget, and seed 2 reaches 95% at 1x.",
 )
@@ -38,7 +38,7 @@ def test_defaults_are_an_equilibrium_model_on_real_digits(record_property):
     """The protocol of `benchmarks/mdeq_equilibrium.py`: widths 16-128, all
     else default, Adam 1e-3, batch 64, 8 epochs; the report on the 400
     held-out images at 1x and 4x the trained budget and from 2 random
-    first iterates. The figures per seed are in benchmarks/README.md."""
+    first iterates. The figures per seed are in docs/benchmarks.md."""
     pytest.importorskip("sklearn")
     from benchmarks import mdeq_equilibrium
 
