@@ -2,9 +2,8 @@
 
 The digits (`sklearn.datasets.load_digits`, 1,797 images that ship with
 scikit-learn) are resized bilinearly to 32×32 and repeated to 3 channels;
-a fixed permutation gives 1,397 training and 400 held-out images. Shared by
-`mdeq_digits.py` and `mdeq_equilibrium.py`, which train
-`MDEQClassifier(10, widths=WIDTHS)` on them.
+a fixed permutation gives 1,397 training and 400 held-out images.
+`mdeq_equilibrium.py` trains `MDEQClassifier(10, widths=WIDTHS)` on them.
 """
 
 import numpy as np

@@ -4,8 +4,8 @@ r"""Which training makes the digits MDEQ an equilibrium model: a lever table.
     python -m benchmarks.mdeq_equilibrium --seeds=0,1,2 --levers=all
 
 Trains `MDEQClassifier(10, widths=(16, 32, 64, 128))` on scikit-learn's
-digits with the recipe of `benchmarks/mdeq_digits.py` (Adam 1e-3, batch
-64, `--epochs` epochs), one run per lever and seed, then measures it with
+digits with the digits recipe (Adam 1e-3, batch 64, `--epochs`
+epochs), one run per lever and seed, then measures it with
 `keras_deq.diagnostics.equilibrium_report` on the 400 held-out images:
 accuracy, median residual, the fraction of samples within tol and the NFE
 at 1× and 4× the trained budget, and the agreement of the predictions
