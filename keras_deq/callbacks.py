@@ -55,7 +55,18 @@ class _DEQCallback(keras.callbacks.Callback):
 def find_deq_layers(
     model: keras.layers.Layer, names: Sequence[str] | None = None
 ) -> list[DEQLayer]:
-    """The DEQLayers inside `model` (at any depth), or those in `names`."""
+    """The DEQLayers inside `model` (at any depth), or those in `names`.
+
+    Examples:
+
+        >>> model = keras.Sequential([
+        ...     keras.Input((4,)),
+        ...     keras_deq.DEQLayer(keras.layers.Dense(4), name="deq_a"),
+        ...     keras.layers.Dense(2),
+        ... ])
+        >>> [layer.name for layer in find_deq_layers(model)]
+        ['deq_a']
+    """
     found = [
         layer
         for layer in model._flatten_layers(include_self=True, recursive=True)
@@ -261,6 +272,14 @@ class AdaptiveJacobian(_DEQCallback):
         update_every: batches between updates. Defaults to `None` (once per
             epoch).
         layers: names of the DEQLayers to steer. Defaults to all of them.
+
+    Examples:
+
+        ```python
+        model.fit(x, y, epochs=20, callbacks=[
+            keras_deq.callbacks.AdaptiveJacobian(target_nfe=6)
+        ])
+        ```
     """
 
     def __init__(
@@ -395,6 +414,15 @@ class UnrolledPretraining(_DEQCallback):
         iters: unrolled iterations per step. Defaults to `None` (each
             layer's `max_iter`).
         layers: names of the DEQLayers to pretrain. Defaults to all.
+
+    Examples:
+
+        ```python
+        # The first 500 steps backpropagate through 7 plain iterations.
+        model.fit(x, y, epochs=20, callbacks=[
+            keras_deq.callbacks.UnrolledPretraining(steps=500, iters=7)
+        ])
+        ```
     """
 
     def __init__(
@@ -466,6 +494,13 @@ class SpectralRadiusMonitor(_DEQCallback):
         every: epochs between measurements. Defaults to `1`.
         num_iters: power-method iterations. Defaults to `50`.
         layers: names of the DEQLayers to watch. Defaults to all of them.
+
+    Examples:
+
+        ```python
+        monitor = keras_deq.callbacks.SpectralRadiusMonitor(x_val[:64], every=5)
+        history = model.fit(x, y, epochs=20, callbacks=[monitor])
+        ```
     """
 
     def __init__(

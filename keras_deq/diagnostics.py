@@ -235,6 +235,15 @@ def plot_report(report: dict, path: str, title: str | None = None) -> None:
             of label to report, drawn as one curve each).
         path: the PNG file to write.
         title: the figure's title. Defaults to `None`.
+
+    Examples:
+
+        ```python
+        report = keras_deq.diagnostics.equilibrium_report(
+            model, x_test, y_test, metric="sparse_categorical_accuracy"
+        )
+        keras_deq.diagnostics.plot_report(report, "equilibrium.png")
+        ```
     """
     try:
         import matplotlib

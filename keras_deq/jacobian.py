@@ -24,6 +24,12 @@ def linearize(
 
     Returns:
         `(f(z), vjp)`.
+
+    Examples:
+
+        >>> fz, vjp = linearize(lambda z: z * z, tf.constant([[3.0]]))
+        >>> float(fz[0, 0]), float(vjp(tf.ones([1, 1]))[0, 0])
+        (9.0, 6.0)
     """
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(z)
@@ -71,6 +77,17 @@ def frobenius_estimate(
     Returns:
         `[B]` estimates, in the dtype of `z`.
 
+    Examples:
+
+        For f(z) = 2z in R³, ‖J‖_F² / d = 4:
+
+        >>> a = tf.constant(2.0 * np.eye(3), tf.float32)
+        >>> est = frobenius_estimate(
+        ...     lambda z: z @ a, tf.ones([1, 3]), num_samples=4000, seed=0
+        ... )
+        >>> abs(float(est[0]) - 4.0) < 0.25
+        True
+
     Reference:
         Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian
         Regularization", ICML 2021, eq. 3–4.
@@ -112,6 +129,14 @@ def spectral_radius(
 
     Returns:
         `[B]` estimates of ρ(J_f(z)), in the dtype of `z`, with no gradient.
+
+    Examples:
+
+        >>> d = tf.constant(np.diag([0.5, -0.9, 0.2]), tf.float32)
+        >>> f = lambda z: z @ d
+        >>> rho = spectral_radius(f, tf.ones([2, 3]), num_iters=100)
+        >>> [round(float(r), 4) for r in rho]
+        [0.9, 0.9]
 
     Reference:
         Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian

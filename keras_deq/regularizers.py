@@ -40,6 +40,16 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
             (`"{name}_value"`).
         **kwargs: base layer arguments (`name`).
 
+    Examples:
+
+        A `DEQLayer` builds its own (`layer.jacobian_penalty`); callbacks steer
+        its γ and p during `fit`:
+
+        ```python
+        layer = keras_deq.DEQLayer(block, jac_weight=1.0, jac_freq=0.5)
+        layer.jacobian_penalty.weight.assign(2.0)  # what JacobianSchedule does
+        ```
+
     Reference:
         Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian
         Regularization", ICML 2021, eq. 3–4.
@@ -197,6 +207,17 @@ def fixed_point_correction(
     Returns:
         A scalar in the dtype of `z_star`, differentiable with respect to
         the variables of f.
+
+    Examples:
+
+        For f(z) = z/2 + 1 (z* = 2) from z₀ = 0, one step lands at 1:
+        (1 − 2)² / 2² = 0.25.
+
+        >>> f = lambda z: 0.5 * z + 1.0
+        >>> z_star = tf.constant([[2.0]])
+        >>> z0 = tf.zeros([1, 1])
+        >>> float(fixed_point_correction(f, z0, z_star, num_states=1))
+        0.25
 
     Reference:
         Bai, Ramachandran, Lee, Kolter & Koltun, "Deep Equilibrium Optical

@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import pathlib
 import pkgutil
 
 import keras
@@ -48,3 +49,40 @@ def test_docstring_example(test):
     )
     result = runner.run(test, out=lambda text: print(text, end=""))
     assert result.failed == 0, f"{result.failed} of {result.attempted} failed"
+
+
+def _documented():
+    """The objects the API reference pages render, as (module, name)."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api"
+    found = []
+    for page in sorted(root.glob("*.md")):
+        target, in_members = None, False
+        for line in page.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(":::"):
+                target, in_members = stripped[3:].strip(), False
+                module, _, name = target.rpartition(".")
+                try:
+                    importlib.import_module(target)
+                except ImportError:
+                    found.append((module, name))
+            elif stripped == "members:":
+                in_members = True
+            elif in_members and stripped.startswith("- "):
+                found.append((target, stripped[2:]))
+    return found
+
+
+def test_the_api_reference_covers_the_public_api():
+    documented = {name for _, name in _documented()}
+    public = set(keras_deq.layers.__all__) | set(keras_deq.models.__all__)
+    public |= {"DEQLayer"}
+    assert public <= documented, public - documented
+
+
+@pytest.mark.parametrize(
+    "module, name", _documented(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_every_documented_object_has_an_example(module, name):
+    obj = getattr(importlib.import_module(module), name)
+    assert "Examples:" in (obj.__doc__ or ""), f"{module}.{name}"

@@ -20,6 +20,14 @@ class SpectralNormBound(keras.constraints.Constraint):
     Args:
         max_norm: the bound on the largest singular value, > 0. Defaults
             to `1.0`.
+
+    Examples:
+
+        >>> w = tf.constant([[3.0, 0.0], [0.0, 0.5]])
+        >>> bounded = SpectralNormBound(0.9)(w).numpy()
+        >>> s = np.linalg.svd(bounded, compute_uv=False)
+        >>> [round(float(v), 4) for v in s]
+        [0.9, 0.15]
     """
 
     def __init__(self, max_norm: float = 1.0):

@@ -35,6 +35,16 @@ class VariationalDropout(SavedSeedState, keras.layers.Layer):
         seed: int seed of the masks. Defaults to `None`.
         **kwargs: base layer arguments.
 
+    Examples:
+
+        >>> drop = VariationalDropout(0.5, seed=0)
+        >>> x = tf.ones([2, 3, 4])
+        >>> bool(np.all(drop(x, training=False) == x))  # identity at inference
+        True
+        >>> mask = drop(x, training=True)[0]  # one mask for all 3 positions
+        >>> bool(np.all(mask == mask[0]))
+        True
+
     Reference:
         Gal & Ghahramani, "A Theoretically Grounded Application of Dropout
         in Recurrent Neural Networks", NeurIPS 2016.

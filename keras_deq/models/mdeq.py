@@ -40,9 +40,8 @@ class GroupNorm(keras.layers.GroupNormalization):
     `[B, H, W, G, C/G]` tensor over three axes at once; the deviations are
     squared in one op (`squared_difference`), and the output is one affine
     map per sample and channel, x·a + b, so no centred copy of the input is
-    kept. Forward half of Keras' time on a 2-core CPU, with its gradient
-    two thirds (the timings are in `docs/benchmarks.md`). Other axes fall
-    back to Keras' computation.
+    kept (the timings against Keras' layer are in `docs/benchmarks.md`).
+    Other axes fall back to Keras' computation.
     """
 
     def call(self, inputs):
@@ -120,6 +119,14 @@ class MDEQBlock(keras.layers.Layer):
         init_stddev: standard deviation of the initial conv weights.
             Defaults to 0.05 (the paper's is 0.01).
         seed: int seed of the initialisers and dropout. Defaults to `None`.
+
+    Examples:
+
+        ```python
+        block = keras_deq.models.MDEQBlock(widths=(16, 32, 64, 128))
+        deq = keras_deq.DEQLayer(block, max_iter=7)
+        z_star = deq(injections)  # a list of 4 resolutions, finest first
+        ```
     """
 
     def __init__(

@@ -50,6 +50,19 @@ def register(name: str, solver: Callable[..., SolverResult]) -> None:
     Args:
         name: the new name; it must not be taken already.
         solver: a function `(f, z0, max_iter, tol, stop_mode) -> SolverResult`.
+
+    Examples:
+
+        ```python
+        def damped(f, z0, max_iter, tol, stop_mode="rel"):
+            return keras_deq.solvers.fixed_point(
+                f, z0, max_iter, tol, stop_mode, damping=0.5
+            )
+
+
+        keras_deq.solvers.register("damped", damped)
+        layer = keras_deq.DEQLayer(block, solver="damped")
+        ```
     """
     if not isinstance(name, str) or not name:
         raise ValueError(
@@ -103,7 +116,13 @@ def check_options(argument: str, name: str, options: dict | None) -> dict:
 
 
 def names() -> list[str]:
-    """The registered solver names."""
+    """The registered solver names.
+
+    Examples:
+
+        >>> {"anderson", "broyden", "fixed_point"} <= set(names())
+        True
+    """
     return sorted(_REGISTRY)
 
 

@@ -33,6 +33,13 @@ class SolverResult(NamedTuple):
             `None`: Broyden's estimate of (I − J_f)⁻¹ at its last iterate, a
             `keras_deq.solvers.LowRankInverse`. A backward pass can start
             from it (`DEQLayer(gradient="reuse")`).
+
+    Examples:
+
+        >>> f = lambda z: 0.5 * z + 1.0
+        >>> res = keras_deq.solvers.fixed_point(f, tf.zeros([2, 1]), 60, 1e-6)
+        >>> res.z.shape, res.nstep.shape, res.rel_residual.shape
+        (TensorShape([2, 1]), TensorShape([2]), TensorShape([2]))
     """
 
     z: tf.Tensor
