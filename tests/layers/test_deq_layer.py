@@ -589,6 +589,18 @@ class RegularizedCell(keras.layers.Layer):
         return tf.tanh(self.dense(z) + x)
 
 
+def _activity_regularizer_scale(batch_size):
+    """Keras' own factor on an activity regularizer's sum: 1 or 1/batch."""
+    probe = keras.layers.Dense(
+        1,
+        use_bias=False,
+        kernel_initializer="ones",
+        activity_regularizer=keras.regularizers.L2(1.0),
+    )
+    probe(np.ones((batch_size, 1)))  # every output 1: the sum is batch_size
+    return float(probe.losses[0]) / batch_size
+
+
 def test_block_losses_are_taken_once_at_the_equilibrium():
     layer = keras_deq.DEQLayer(
         RegularizedCell(dtype="float64"),
@@ -604,13 +616,14 @@ def test_block_losses_are_taken_once_at_the_equilibrium():
         z_star = layer(x, training=True)
         loss, penalty = layer.losses
     # One block loss and the penalty; the block loss is the regularizer at
-    # z*: 0.3 · Σ (z* W)² / batch (Keras divides activity regularizers by
-    # the batch size).
+    # z*: 0.3 · Σ (z* W)², scaled as Keras scales activity regularizers
+    # (divided by the batch size since Keras 3.14, not before).
     assert penalty.numpy() > 0
     z = z_star.numpy()
+    scale = _activity_regularizer_scale(len(z))
 
     def reference():
-        return 0.3 * np.sum((z @ kernel.numpy()) ** 2) / len(z)
+        return 0.3 * np.sum((z @ kernel.numpy()) ** 2) * scale
 
     np.testing.assert_allclose(loss.numpy(), reference(), rtol=1e-6)
     # Its gradient is that of the regularizer with z* held fixed.
