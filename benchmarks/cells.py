@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_deq.models.mdeq import GroupNorm
+from keras_deq.layers import GroupNorm
 
 
 @keras.saving.register_keras_serializable(package="keras_deq_benchmarks")

@@ -1,9 +1,9 @@
 """Ready-made DEQ models."""
 
-from keras_deq.models.deq_transformer import DEQTransformerBlock
-from keras_deq.models.deq_transformer import DEQTransformerLM
-from keras_deq.models.mdeq import MDEQBlock
-from keras_deq.models.mdeq import MDEQClassifier
+from keras_deq.models.deq_transformer_block import DEQTransformerBlock
+from keras_deq.models.deq_transformer_lm import DEQTransformerLM
+from keras_deq.models.mdeq_block import MDEQBlock
+from keras_deq.models.mdeq_classifier import MDEQClassifier
 
 __all__ = [
     "DEQTransformerBlock",

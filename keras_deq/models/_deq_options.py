@@ -93,8 +93,8 @@ class ConfigMixin:
     """`get_config` / `from_config` of a model over one `DEQLayer`.
 
     As keras-hub's backbones: the base config (name, trainable, dtype
-    policy), the model's own arguments (`self._config`), and the layer's
-    name and DEQ settings as they are now.
+    policy) and the layer's name and DEQ settings as they are now; each
+    model adds its own arguments, one attribute each.
     """
 
     # The model's own traced functions, which keep the budget they were
@@ -131,7 +131,6 @@ class ConfigMixin:
             "name": self.name,
             "trainable": self.trainable,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            **self._config,
             "deq_name": self._deq_name,
             **current(self.deq),
         }

@@ -212,7 +212,7 @@ def test_phantom_gradient_settings_reach_the_layer_and_the_config():
 
 @pytest.mark.parametrize("shape", [(3, 8, 8, 12), (2, 5, 12), (2, 4, 6, 2, 12)])
 def test_group_norm_equals_keras_and_a_numpy_reference(shape):
-    from keras_deq.models.mdeq import GroupNorm
+    from keras_deq.layers import GroupNorm
 
     rng = np.random.default_rng(0)
     x = (3.0 + 2.0 * rng.normal(size=shape)).astype("float32")
@@ -246,7 +246,7 @@ def test_group_norm_equals_keras_and_a_numpy_reference(shape):
 
 
 def test_group_norm_on_another_axis_is_keras_own():
-    from keras_deq.models.mdeq import GroupNorm
+    from keras_deq.layers import GroupNorm
 
     x = np.random.default_rng(1).normal(size=(2, 6, 4, 4)).astype("float32")
     ours = GroupNorm(3, axis=1)
