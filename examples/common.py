@@ -10,7 +10,11 @@ from absl import flags
 from absl import logging
 
 import keras_deq
-from keras_deq.utils import distribute
+
+try:
+    from examples import distribute
+except ImportError:  # run as a script: examples/ itself is on sys.path
+    import distribute
 
 FLAGS = flags.FLAGS
 

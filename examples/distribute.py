@@ -1,4 +1,4 @@
-"""Choosing a `tf.distribute` strategy from a name, as the examples do."""
+"""Choosing a `tf.distribute` strategy from a name, for the examples."""
 
 import json
 import os
