@@ -1,0 +1,75 @@
+"""What a DEQLayer logs: its NFE, residuals and losses, per phase."""
+
+import tensorflow as tf
+
+from keras_deq import gradients
+from keras_deq.utils.metrics import MeasuredMean
+from keras_deq.utils.metrics import StatisticsReport
+
+
+class Statistics:
+    """The metrics of `DEQLayer`: forward and backward NFE and residuals,
+    the penalty and the correction loss, logged through one report that
+    shows what the traced phase can measure.
+    """
+
+    def _make_statistics(self, gradient):
+        self.forward_nfe = MeasuredMean(name=f"{self.name}_forward_nfe")
+        self.forward_residual = MeasuredMean(
+            name=f"{self.name}_forward_residual"
+        )
+        statistics = [self.forward_nfe, self.forward_residual, self.jac_loss]
+        if gradients.reports_backward(gradient):
+            self.backward_nfe = MeasuredMean(name=f"{self.name}_backward_nfe")
+            self.backward_residual = MeasuredMean(
+                name=f"{self.name}_backward_residual"
+            )
+            statistics += [self.backward_nfe, self.backward_residual]
+        if self.correction_weight > 0:
+            self.correction_loss = MeasuredMean(
+                name=f"{self.name}_correction_loss"
+            )
+            statistics.append(self.correction_loss)
+        self.jacobian_penalty.reported_by_owner = True
+        self._statistics_report = StatisticsReport(
+            statistics, self._shown_statistics, name=f"{self.name}_statistics"
+        )
+
+    @property
+    def metrics(self):
+        # The statistics go through one report, which logs those that the
+        # call being traced (or run) can measure; see `_shown_statistics`.
+        own = [self._statistics_report]
+        return own + [
+            metric
+            for layer in self._layers
+            if layer is not self.jacobian_penalty
+            for metric in layer.metrics
+        ]
+
+    def _shown_statistics(self):
+        shown = [self.forward_nfe, self.forward_residual]
+        if not self._traced_training:
+            return shown
+        gradient = self._training_overrides.get("gradient", self.gradient)
+        if hasattr(self, "backward_nfe") and gradients.reports_backward(
+            gradient
+        ):
+            shown += [self.backward_nfe, self.backward_residual]
+        if self.jacobian_penalty.may_be_on():
+            shown.append(self.jac_loss)
+        if self.correction_weight > 0:
+            shown.append(self.correction_loss)
+        return shown
+
+    def _record_backward(self, result):
+        self.backward_nfe.update_state(tf.cast(result.nstep, tf.float32))
+        self.backward_residual.update_state(
+            tf.cast(result.rel_residual, tf.float32)
+        )
+
+    def _record_forward(self, result):
+        self.forward_nfe.update_state(tf.cast(result.nstep, tf.float32))
+        self.forward_residual.update_state(
+            tf.cast(result.rel_residual, tf.float32)
+        )
