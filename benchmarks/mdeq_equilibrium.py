@@ -108,6 +108,8 @@ LEVERS = {
     "defaults": {},
     # With 20 forward iterations, about what the solve needs to reach tol.
     "defaults_20": {"max_iter": 20},
+    # Between the two.
+    "defaults_12": {"max_iter": 12},
 }
 
 _LEVERS = flags.DEFINE_list(

@@ -11,8 +11,8 @@ import keras_deq
 from keras_deq.callbacks import AdaptiveJacobian
 from keras_deq.callbacks import JacobianSchedule
 from keras_deq.callbacks import SpectralRadiusMonitor
-from tests.blocks import LinearCell
-from tests.blocks import TanhCell
+from tests.testing import LinearCell
+from tests.testing import TanhCell
 
 D = 8
 

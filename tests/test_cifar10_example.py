@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 import keras_deq
 from examples import cifar10_mdeq
-from tests.summaries import tensorboard_tags
+from tests.testing import tensorboard_tags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import keras_deq
 from keras_deq.models import DEQTransformerLM
-from tests.blocks import LinearCell
+from tests.testing import LinearCell
 
 D = 6
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_deq import jacobian
-from tests import numerics
+from tests import testing
 
 D = 6
 
@@ -76,7 +76,7 @@ def test_gradient_of_a_seeded_estimate_matches_finite_differences():
     with tf.GradientTape() as tape:
         loss = value()
     grads = tape.gradient(loss, variables)
-    numeric = numerics.central_differences(lambda: value().numpy(), variables)
+    numeric = testing.central_differences(lambda: value().numpy(), variables)
     for g, n in zip(grads, numeric, strict=True):
         np.testing.assert_allclose(g.numpy(), n, rtol=1e-6, atol=1e-9)
 
@@ -98,7 +98,7 @@ def test_mean_gradient_matches_finite_differences_of_the_exact_norm():
     draws = [estimate_grads(tf.constant(s)) for s in range(10)]
     mean = [np.mean([d[i].numpy() for d in draws], axis=0) for i in range(2)]
     exact = tf.function(lambda: tf.reduce_sum(exact_frobenius(f, z)))
-    numeric = numerics.central_differences(lambda: exact().numpy(), variables)
+    numeric = testing.central_differences(lambda: exact().numpy(), variables)
     for g, n in zip(mean, numeric, strict=True):
         error = np.linalg.norm(g - n) / np.linalg.norm(n)
         print(f"relative error of the mean gradient: {error:.4f}")

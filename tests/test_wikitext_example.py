@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from examples import generated_text
 from examples import wikitext103_transformer as wt
-from tests.summaries import tensorboard_tags
+from tests.testing import tensorboard_tags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import keras_deq
 from keras_deq.layers import VariationalDropout
-from tests.blocks import DropoutCell
+from tests.testing import DropoutCell
 
 
 def inputs(n=16, d=4, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_deq.layers import WeightNormalization
-from tests import numerics
+from tests import testing
 
 
 def layers_and_inputs():
@@ -76,7 +76,7 @@ def test_gradients_match_finite_differences(index):
     with tf.GradientTape() as tape:
         value = loss()
     grads = tape.gradient(value, variables)
-    numeric = numerics.central_differences(lambda: loss().numpy(), variables)
+    numeric = testing.central_differences(lambda: loss().numpy(), variables)
     for g, n in zip(grads, numeric, strict=True):
         np.testing.assert_allclose(g.numpy(), n, rtol=1e-6, atol=1e-8)
 

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from keras_deq import solvers
-from tests.blocks import contraction
+from tests.testing import contraction
 
 ALL = ["broyden", "anderson", "fixed_point"]
 

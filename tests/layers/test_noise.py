@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_deq
-from tests.blocks import contraction
+from tests.testing import contraction
 
 
 class ShiftNoise(keras.layers.Layer):

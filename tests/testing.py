@@ -1,10 +1,17 @@
-"""Small DEQ blocks with known behaviour, shared by the tests."""
+"""What the tests share: DEQ blocks with known behaviour, independent
+numerical references, reading TensorBoard logs, and the layer contract."""
+
+import glob
+import json
+import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import keras_deq
+
+# --- Blocks with known behaviour ---------------------------------------
 
 
 def contraction(rng, n, norm):
@@ -200,3 +207,156 @@ class CausalSequenceCell(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "seed": self.seed}
+
+
+# --- Independent numerical references ----------------------------------
+
+
+def central_differences(value_fn, variables, eps=1e-6):
+    """∂value/∂v for each variable, by central differences, entry by entry.
+
+    `value_fn()` returns a float computed from the current variable values;
+    each variable is restored after its entries have been bumped.
+    """
+    grads = []
+    for var in variables:
+        value = var.numpy()
+        grad = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            for sign in (1, -1):
+                bumped = value.copy()
+                bumped[index] += sign * eps
+                var.assign(bumped)
+                grad[index] += sign * value_fn() / (2 * eps)
+        var.assign(value)
+        grads.append(grad)
+    return grads
+
+
+# --- TensorBoard logs ----------------------------------------------------
+
+
+def tensorboard_tags(log_dir):
+    """Every summary tag in the event files under `log_dir`."""
+    tags = set()
+    for path in glob.glob(
+        os.path.join(log_dir, "**", "events*"), recursive=True
+    ):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+# --- The layer contract --------------------------------------------------
+
+
+def _without_build_config(config):
+    if isinstance(config, dict):
+        return {
+            k: _without_build_config(v)
+            for k, v in config.items()
+            if k != "build_config"
+        }
+    return config
+
+
+def check_layer_contract(
+    make_layer,
+    x,
+    *,
+    training_losses=0,
+    random_in_training=False,
+    mixed_precision=True,
+    atol=1e-5,
+    fit_atol=1e-5,
+):
+    """What every public keras_deq layer must do, checked on one input.
+
+    - symbolic and eager calls agree on the output shape;
+    - an inference call adds no loss, a training call `training_losses`;
+    - the config survives JSON and `from_config` into a layer that, given
+      the same weights, gives the same output;
+    - one `fit` step changes the weights, and compiled with XLA updates
+      them as the graph step does (the reference, to `fit_atol`), unless
+      the layer draws random numbers in training (`random_in_training`):
+      XLA's stateless random kernels give other numbers than TensorFlow's,
+      so there the XLA step is only checked to change the weights and
+      stay finite;
+    - under `mixed_float16` the layer computes in float16, within float16
+      rounding of the float32 output.
+
+    `make_layer()` returns a new, unbuilt layer; two calls after
+    `keras.utils.set_random_seed` with the same seed give the same weights.
+    """
+    x = np.asarray(x)
+    keras.utils.set_random_seed(0)
+    layer = make_layer()
+    eager = keras.ops.convert_to_numpy(layer(x))
+    symbolic = make_layer()(keras.Input(x.shape[1:], dtype=str(x.dtype)))
+    assert tuple(symbolic.shape) == (None,) + eager.shape[1:], symbolic.shape
+    assert len(layer.losses) == 0, layer.losses
+    layer(x, training=True)
+    assert len(layer.losses) == training_losses, layer.losses
+
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(layer)))
+    clone = keras.saving.deserialize_keras_object(config)
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    assert _without_build_config(clone.get_config()) == _without_build_config(
+        layer.get_config()
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(clone(x)), eager, atol=atol
+    )
+
+    y = np.ones((len(x), 1), "float32")
+    weights = {}
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input(x.shape[1:], dtype=str(x.dtype)),
+                make_layer(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(1),
+            ]
+        )
+        before = [w.copy() for w in model.get_weights()]
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss="mse",
+            jit_compile=jit_compile,
+        )
+        model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+        weights[jit_compile] = model.get_weights()
+    changed = [
+        not np.allclose(a, b)
+        for a, b in zip(before, weights[False], strict=True)
+    ]
+    assert any(changed), "one fit step changed no weight"
+    for old, graph, jit in zip(
+        before, weights[False], weights[True], strict=True
+    ):
+        assert np.all(np.isfinite(jit))
+        if random_in_training:
+            assert np.allclose(old, graph) == np.allclose(old, jit)
+        else:
+            np.testing.assert_allclose(jit, graph, atol=fit_atol)
+
+    if mixed_precision:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_float16")
+        try:
+            half = make_layer()
+            half(x)
+        finally:
+            keras.config.set_dtype_policy(previous)
+        half.set_weights(layer.get_weights())
+        out = half(x)
+        assert keras.backend.standardize_dtype(out.dtype) == "float16"
+        scale = max(1.0, float(np.abs(eager).max()))
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(out).astype("float32"),
+            eager,
+            atol=2e-2 * scale,
+        )

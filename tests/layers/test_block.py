@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 from keras_deq.layers import DEQLayer
-from tests.blocks import LinearCell
-from tests.blocks import TanhCell
-from tests.blocks import TwoResolutionCell
+from tests.testing import LinearCell
+from tests.testing import TanhCell
+from tests.testing import TwoResolutionCell
 
 
 def linear_layer(solver="fixed_point", **kwargs):
