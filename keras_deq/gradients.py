@@ -63,16 +63,20 @@ class Problem(NamedTuple):
 
     Examples:
 
-        A kind is a function of a `Problem`:
+        A kind reads the layer's settings from the `Problem`, here the
+        implicit gradient with the layer's backward solver and budget:
 
         ```python
-        def damped_phantom(problem):
+        def my_implicit(problem):
             forward = problem.solve()
-            z = keras_deq.gradients.phantom(problem.f, forward.z, 3, 0.5)
+            z = keras_deq.gradients.implicit(
+                problem.f,
+                forward.z,
+                problem.backward_solver,
+                problem.backward_max_iter,
+                problem.backward_tol,
+            )
             return z, forward
-
-
-        keras_deq.gradients.register("damped_phantom", damped_phantom)
         ```
     """
 
