@@ -227,20 +227,25 @@ class CachedDecoding:
         self,
         token_ids,
         num_tokens: int,
+        sampler="greedy",
         temperature: float = 0.0,
         seed: int | None = None,
         cache: bool = True,
     ) -> np.ndarray:
         """Continues `token_ids` (`[B, T]` or `[T]`) by `num_tokens` tokens.
 
-        Each new token is the argmax of the next-token logits
-        (`temperature=0`, greedy) or a draw from softmax(logits /
-        temperature). With `cache=True` (the default) the prompt is solved
-        once and each new token costs one position's solve against the
-        remembered equilibria (`decode_step`, with the memory preallocated
-        and the step compiled with XLA, once per batch size and length
-        rounded up to 64); with `cache=False` every
-        token comes from a full forward pass over the sequence so far
+        Each new token is chosen from the next-token logits by a keras-hub
+        sampler (`keras_hub.samplers`): `"greedy"` (the default, argmax),
+        `"top_k"`, `"top_p"`, `"random"`, or a `keras_hub.samplers.Sampler`
+        instance for other settings (`TopKSampler(k=10, temperature=0.7)`).
+        `temperature > 0` with the default sampler draws from
+        softmax(logits / temperature) (a `RandomSampler`); `seed` seeds the
+        samplers given by name. With `cache=True` (the default) the prompt
+        is solved once and each new token costs one position's solve
+        against the remembered equilibria (`decode_step`, with the memory
+        preallocated and the step compiled with XLA, once per batch size
+        and length rounded up to 64); with `cache=False` every token comes
+        from a full forward pass over the sequence so far
         (`next_token_logits`). The two agree up to the solver tolerance, so
         a greedy continuation can differ only where two tokens' logits are
         that close.
@@ -269,25 +274,52 @@ class CachedDecoding:
         temperature = validation.check_nonnegative("temperature", temperature)
         if not isinstance(cache, bool):
             raise TypeError(f"`cache` must be a bool. Received: {cache!r}")
+        sampler = _sampler(sampler, temperature, seed)
         squeeze = ids.ndim == 1
         ids = np.atleast_2d(ids).astype(np.int32)
-        rng = np.random.default_rng(seed)
         if cache:
             logits, decode = self._cached_decoder(ids, num_tokens)
         for step in range(num_tokens):
             if not cache:
                 logits = self.next_token_logits(ids)
-            scores = logits.numpy().astype(np.float64)
-            if temperature == 0:
-                new = scores.argmax(axis=-1)
-            else:
-                scaled = scores / temperature
-                scaled -= scaled.max(axis=-1, keepdims=True)
-                probs = np.exp(scaled)
-                probs /= probs.sum(axis=-1, keepdims=True)
-                new = np.array([rng.choice(vocab, p=p) for p in probs])
-            new = new[:, None].astype(np.int32)
+            probabilities = sampler.compute_probabilities(logits)
+            new = keras.ops.convert_to_numpy(
+                sampler.get_next_token(probabilities)
+            )
+            new = new.reshape(-1, 1).astype(np.int32)
             ids = np.concatenate([ids, new], axis=1)
             if cache and step < num_tokens - 1:
                 logits = decode(new)
         return ids[0] if squeeze else ids
+
+
+_SAMPLERS = ("greedy", "top_k", "top_p", "random")
+
+
+def _sampler(sampler, temperature, seed):
+    """A `keras_hub.samplers.Sampler` from `generate`'s arguments."""
+    from keras_hub import samplers
+
+    if isinstance(sampler, samplers.Sampler):
+        if temperature:
+            raise ValueError(
+                "`temperature` applies to a sampler given by name; a "
+                "`Sampler` instance carries its own. Received: "
+                f"temperature={temperature}, sampler={sampler!r}"
+            )
+        return sampler
+    if sampler not in _SAMPLERS:
+        raise ValueError(
+            f"`sampler` must be one of {list(_SAMPLERS)} or a "
+            f"keras_hub.samplers.Sampler. Received: sampler={sampler!r}"
+        )
+    if sampler == "greedy":
+        if temperature > 0:
+            return samplers.RandomSampler(seed=seed, temperature=temperature)
+        return samplers.GreedySampler()
+    kwargs = {"seed": seed, "temperature": temperature or 1.0}
+    return {
+        "top_k": samplers.TopKSampler,
+        "top_p": samplers.TopPSampler,
+        "random": samplers.RandomSampler,
+    }[sampler](**kwargs)

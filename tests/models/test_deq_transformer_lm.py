@@ -164,6 +164,30 @@ def test_generate_without_cache_runs_the_whole_sequence_through_the_deq():
     assert a.min() >= 0 and a.max() < VOCAB
 
 
+def test_generate_samples_through_keras_hub_samplers():
+    from keras_hub import samplers
+
+    model = DEQTransformerLM(VOCAB, **TINY)
+    prompt = tokens(seed=5, batch=2, length=3)
+    greedy = model.generate(prompt, 4, cache=False)
+    # k = 1 and a vanishing nucleus both leave only the argmax.
+    for sampler in (samplers.TopKSampler(k=1), samplers.TopPSampler(p=1e-9)):
+        np.testing.assert_array_equal(
+            model.generate(prompt, 4, sampler=sampler, cache=False), greedy
+        )
+    # Top-k by name: every new token is among the k = 5 largest logits of
+    # the full forward pass over the sequence before it, and a seed
+    # repeats the draws.
+    out = model.generate(prompt, 4, sampler="top_k", seed=1, cache=False)
+    for t in range(3, 7):
+        logits = model.predict(out[:, :t], verbose=0)[:, -1]
+        top5 = np.argsort(logits, axis=-1)[:, -5:]
+        assert all(out[b, t] in top5[b] for b in range(2)), (t, out)
+    np.testing.assert_array_equal(
+        out, model.generate(prompt, 4, sampler="top_k", seed=1, cache=False)
+    )
+
+
 def test_generate_rejects_bad_input():
     model = DEQTransformerLM(VOCAB, **TINY)
     with pytest.raises(ValueError, match="token_ids"):
@@ -176,6 +200,14 @@ def test_generate_rejects_bad_input():
         model.generate([1, 2], 2, temperature=-1)
     with pytest.raises(ValueError, match="num_tokens"):
         model.generate([1, 2], -1)
+    with pytest.raises(ValueError, match="sampler"):
+        model.generate([1, 2], 2, sampler="beam")
+    from keras_hub import samplers
+
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(
+            [1, 2], 2, sampler=samplers.TopKSampler(k=2), temperature=0.5
+        )
 
 
 @pytest.mark.parametrize(
