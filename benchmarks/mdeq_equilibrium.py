@@ -110,6 +110,8 @@ LEVERS = {
     "defaults_20": {"max_iter": 20},
     # Between the two.
     "defaults_12": {"max_iter": 12},
+    # A stronger fixed-point correction at the default budget.
+    "defaults_correction3": {"correction_weight": 3.0},
 }
 
 _LEVERS = flags.DEFINE_list(
