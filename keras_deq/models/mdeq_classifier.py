@@ -216,8 +216,6 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         if dtype is not None:  # Functional drops it, as keras-hub notes
             self.dtype_policy = dtype
         self.num_classes = num_classes
-        # `input_shape` is a read-only property of Keras models.
-        self.image_shape = input_shape
         self.widths = widths
         self.expansion = expansion
         self.num_groups = num_groups
@@ -231,7 +229,8 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         config.update(
             {
                 "num_classes": self.num_classes,
-                "input_shape": list(self.image_shape),
+                # The functional model's own input shape, batch axis off.
+                "input_shape": list(self.input_shape[1:]),
                 "widths": list(self.widths),
                 "expansion": self.expansion,
                 "num_groups": self.num_groups,
