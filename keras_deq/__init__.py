@@ -1,25 +1,30 @@
-"""keras_deq: deep equilibrium models for Keras 3 on TensorFlow."""
+"""keras_deq: deep equilibrium models for Keras 3.
 
-import keras
+The solvers (`keras_deq.solvers`) run on TensorFlow and JAX; the layers,
+models, gradients and callbacks need the TensorFlow backend so far.
+"""
 
-if keras.backend.backend() != "tensorflow":
-    raise ImportError(
-        "keras_deq needs the TensorFlow backend of Keras, but Keras is using "
-        f"{keras.backend.backend()!r}. Set the environment variable "
-        "KERAS_BACKEND=tensorflow before importing keras."
-    )
-
-from keras_deq import callbacks  # noqa: E402
-from keras_deq import diagnostics  # noqa: E402
-from keras_deq import gradients  # noqa: E402
-from keras_deq import jacobian  # noqa: E402
-from keras_deq import layers  # noqa: E402
-from keras_deq import models  # noqa: E402
-from keras_deq import regularizers  # noqa: E402
-from keras_deq import solvers  # noqa: E402
-from keras_deq.layers import DEQLayer  # noqa: E402
+from keras_deq import backend
+from keras_deq import solvers
 
 __version__ = "0.1.0"
+
+if backend.BACKEND == "tensorflow":
+    from keras_deq import callbacks  # noqa: E402
+    from keras_deq import diagnostics  # noqa: E402
+    from keras_deq import gradients  # noqa: E402
+    from keras_deq import jacobian  # noqa: E402
+    from keras_deq import layers  # noqa: E402
+    from keras_deq import models  # noqa: E402
+    from keras_deq import regularizers  # noqa: E402
+    from keras_deq.layers import DEQLayer  # noqa: E402
+else:
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        backend.require_tensorflow(f"keras_deq.{name}")
+
 
 __all__ = [
     "DEQLayer",

@@ -28,10 +28,13 @@ from typing import NamedTuple
 import tensorflow as tf
 from tensorflow.python.eager import record
 
+from keras_deq import backend as _backend
 from keras_deq import jacobian
 from keras_deq.solvers import LowRankInverse
 from keras_deq.solvers import SolverResult
 from keras_deq.solvers import _loop
+
+_backend.require_tensorflow(__name__)
 
 
 class Problem(NamedTuple):

@@ -10,7 +10,10 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from keras_deq import backend as _backend
 from keras_deq.utils import validation
+
+_backend.require_tensorflow(__name__)
 
 
 def linearize(

@@ -5,10 +5,13 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from keras_deq import backend as _backend
 from keras_deq import jacobian
 from keras_deq.utils import validation
 from keras_deq.utils.metrics import MeasuredMean
 from keras_deq.utils.seeds import SavedSeedState
+
+_backend.require_tensorflow(__name__)
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")

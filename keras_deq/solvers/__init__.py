@@ -1,4 +1,6 @@
-"""Fixed-point solvers on `[B, d]` states, each in a `tf.while_loop`.
+"""Fixed-point solvers on `[B, d]` states, each in a `keras.ops.while_loop`.
+
+Written with `keras.ops`, they run on TensorFlow and on JAX.
 
 Every solver has the signature `solver(f, z0, max_iter, tol, stop_mode="rel",
 **options)` and returns a `SolverResult` with per-sample statistics. `get`

@@ -10,8 +10,10 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
-import tensorflow as tf
+from keras import ops
 
+from keras_deq import backend
+from keras_deq.backend import Tensor
 from keras_deq.utils import validation
 
 STOP_MODES = ("rel", "abs")
@@ -42,10 +44,10 @@ class SolverResult(NamedTuple):
         (TensorShape([2, 1]), TensorShape([2]), TensorShape([2]))
     """
 
-    z: tf.Tensor
-    nstep: tf.Tensor
-    abs_residual: tf.Tensor
-    rel_residual: tf.Tensor
+    z: Tensor
+    nstep: Tensor
+    abs_residual: Tensor
+    rel_residual: Tensor
     inverse: Any = None
 
 
@@ -56,7 +58,15 @@ def check_solver_args(max_iter: int, tol: float, stop_mode: str) -> None:
     validation.check_choice("stop_mode", stop_mode, STOP_MODES)
 
 
-def residuals(z: tf.Tensor, fz: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def norm(x: Tensor) -> Tensor:
+    """Per-sample Euclidean norm of a `[B, d]` tensor, in x's dtype.
+
+    (`keras.ops.norm` computes float64 input in float32 on JAX.)
+    """
+    return ops.sqrt(ops.sum(ops.square(x), axis=-1))
+
+
+def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample ‖f(z) − z‖ and ‖f(z) − z‖ / ‖f(z)‖ of `[B, d]` tensors.
 
     The relative residual is +inf for a sample whose ‖f(z)‖ overflows the
@@ -64,27 +74,31 @@ def residuals(z: tf.Tensor, fz: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     finite / inf = 0, converged. (An overflowing ‖z‖ needs no check of its
     own: then ‖f(z) − z‖ overflows too, or f(z) ≈ z and ‖f(z)‖ does.)
     """
-    abs_res = tf.norm(fz - z, axis=-1)
-    fz_norm = tf.norm(fz, axis=-1)
-    rel_res = tf.where(
-        tf.math.is_finite(fz_norm),
+    abs_res = norm(fz - z)
+    fz_norm = norm(fz)
+    rel_res = ops.where(
+        ops.isfinite(fz_norm),
         abs_res / (fz_norm + _NORM_EPS),
-        tf.constant(float("inf"), abs_res.dtype),
+        ops.convert_to_tensor(float("inf"), abs_res.dtype),
     )
     return abs_res, rel_res
 
 
 def iterate(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z0: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
     max_iter: int,
     tol: float,
     stop_mode: str,
-    init: Callable[[tf.Tensor, tf.Tensor], Any],
-    propose: Callable[[tf.Tensor, tf.Tensor, Any, tf.Tensor], tuple],
+    init: Callable[[Tensor, Tensor], Any],
+    propose: Callable[[Tensor, Tensor, Any, Tensor], tuple],
     finish: Callable[[Any], Any] | None = None,
 ) -> SolverResult:
-    """Runs a solver in a `tf.while_loop` with per-sample stopping.
+    """Runs a solver in a `keras.ops.while_loop` with per-sample stopping.
+
+    The loop is `tf.while_loop` on TensorFlow and `lax.while_loop` on JAX;
+    neither is differentiated through (the gradient kinds attach their own
+    backward), so the solve keeps no activations.
 
     Args:
         f: maps `[B, d]` to `[B, d]`.
@@ -115,8 +129,8 @@ def iterate(
         A `SolverResult`.
     """
     check_solver_args(max_iter, tol, stop_mode)
-    z0 = tf.convert_to_tensor(z0)
-    tol = tf.constant(tol, z0.dtype)
+    z0 = ops.convert_to_tensor(z0)
+    tol = ops.convert_to_tensor(tol, z0.dtype)
 
     def criterion(abs_res, rel_res):
         return rel_res if stop_mode == "rel" else abs_res
@@ -124,54 +138,57 @@ def iterate(
     fz0 = f(z0)
     abs0, rel0 = residuals(z0, fz0)
     crit0 = criterion(abs0, rel0)
-    finite0 = tf.math.is_finite(crit0)
-    inf = tf.constant(float("inf"), z0.dtype)
+    finite0 = ops.isfinite(crit0)
+    inf = ops.convert_to_tensor(float("inf"), z0.dtype)
     # The best iterate starts as z0 so that every sample always has one, even
     # if f(z0) is not finite; its residual then reads as +inf.
     best = (
         z0,
-        tf.where(finite0, abs0, inf),
-        tf.where(finite0, rel0, inf),
-        tf.where(finite0, crit0, inf),
+        ops.where(finite0, abs0, inf),
+        ops.where(finite0, rel0, inf),
+        ops.where(finite0, crit0, inf),
     )
     failed = ~finite0
     active = finite0 & (crit0 >= tol)
-    nstep = tf.ones_like(crit0, dtype=tf.int32)
+    nstep = ops.ones_like(crit0, dtype="int32")
     state = init(z0, fz0)
 
     def cond(k, z, fz, state, best, active, failed, nstep):
-        return (k < max_iter) & tf.reduce_any(active)
+        return (k < max_iter) & ops.any(active)
 
     def body(k, z, fz, state, best, active, failed, nstep):
         z_prop, state = propose(z, fz, state, active)
         # f may lose static dimensions that z0 has (a reshape by a
         # computed shape, say); the loop needs them fixed.
-        z_new = tf.ensure_shape(tf.where(active[:, None], z_prop, z), z0.shape)
-        fz_new = tf.ensure_shape(f(z_new), z0.shape)
+        z_new = backend.fix_shape(
+            ops.where(active[:, None], z_prop, z), z0.shape
+        )
+        fz_new = backend.fix_shape(f(z_new), z0.shape)
         abs_res, rel_res = residuals(z_new, fz_new)
         crit = criterion(abs_res, rel_res)
-        finite = tf.math.is_finite(crit)
+        finite = ops.isfinite(crit)
         best_z, best_abs, best_rel, best_crit = best
         # A stopped sample sits on its best iterate; its residual is
         # re-read, since rows that f couples may have moved its context.
         take = finite & (~active | (crit < best_crit))
         best = (
-            tf.where(take[:, None], z_new, best_z),
-            tf.where(take, abs_res, best_abs),
-            tf.where(take, rel_res, best_rel),
-            tf.where(take, crit, best_crit),
+            ops.where(take[:, None], z_new, best_z),
+            ops.where(take, abs_res, best_abs),
+            ops.where(take, rel_res, best_rel),
+            ops.where(take, crit, best_crit),
         )
-        nstep += tf.cast(active, tf.int32)
+        nstep += ops.cast(active, "int32")
         # A sample whose residual went non-finite stops here and is put back
         # on its best iterate, so f never sees the bad values again.
-        z_new = tf.where(finite[:, None], z_new, best[0])
-        fz_new = tf.where(finite[:, None], fz_new, best[0])
+        z_new = ops.where(finite[:, None], z_new, best[0])
+        fz_new = ops.where(finite[:, None], fz_new, best[0])
         failed |= ~finite
         active = ~failed & (crit >= tol)
         return k + 1, z_new, fz_new, state, best, active, failed, nstep
 
-    loop_vars = (tf.constant(1), z0, fz0, state, best, active, failed, nstep)
-    _, _, _, state, best, _, _, nstep = tf.while_loop(
+    one = ops.convert_to_tensor(1, "int32")
+    loop_vars = (one, z0, fz0, state, best, active, failed, nstep)
+    _, _, _, state, best, _, _, nstep = ops.while_loop(
         cond, body, loop_vars, maximum_iterations=max_iter - 1
     )
     return SolverResult(

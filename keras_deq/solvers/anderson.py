@@ -2,16 +2,17 @@
 
 from collections.abc import Callable
 
-import tensorflow as tf
+from keras import ops
 
-from keras_deq.solvers import _history
+from keras_deq import backend
+from keras_deq.backend import Tensor
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 
 
 def anderson(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z0: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
     max_iter: int,
     tol: float,
     stop_mode: str = "rel",
@@ -63,13 +64,13 @@ def anderson(
     validation.check_int("m", m, 1)
     lam = validation.check_range("lam", lam, 0.0, float("inf"))
     beta = validation.check_range("beta", beta, 0.0, 1.0, low_open=True)
-    slots = tf.range(m)
+    slots = ops.arange(m, dtype="int32")
 
     def init(z0, fz0):
         # History 0 holds the f(z_i), history 1 the residuals f(z_i) − z_i.
-        hist = _history.new(z0, 2, m)
-        gram = tf.zeros(tf.stack([tf.shape(z0)[0], m, m]), z0.dtype)
-        return (hist, gram, tf.constant(0))
+        hist = backend.new_history(z0, 2, m)
+        gram = ops.zeros((ops.shape(z0)[0], m, m), z0.dtype)
+        return (hist, gram, ops.convert_to_tensor(0, "int32"))
 
     def propose(z, fz, state, active):
         hist, gram, step = state
@@ -77,36 +78,36 @@ def anderson(
         slot = step % m
         # Every read of the history below depends on this write, and the
         # next write depends (through f) on the iterate those reads give.
-        hist = _history.write(hist, slot, [fz, g], after=[])
-        fs = _history.read(hist, 0)
-        gs = _history.read(hist, 1)
-        row = tf.linalg.matvec(gs, g)
-        is_row = tf.equal(slots, slot)[None, :, None]
-        is_col = tf.equal(slots, slot)[None, None, :]
-        gram = tf.where(
-            is_row, row[:, None, :], tf.where(is_col, row[:, :, None], gram)
+        hist = backend.write_history(hist, slot, [fz, g], after=[])
+        fs, gs = hist[0], hist[1]
+        row = ops.matmul(gs, g[:, :, None])[:, :, 0]
+        is_row = (slots == slot)[None, :, None]
+        is_col = (slots == slot)[None, None, :]
+        gram = ops.where(
+            is_row, row[:, None, :], ops.where(is_col, row[:, :, None], gram)
         )
 
-        valid = slots < tf.minimum(step + 1, m)
+        valid = slots < ops.minimum(step + 1, m)
         both = valid[:, None] & valid[None, :]
-        diag = tf.where(valid[None], tf.linalg.diag_part(gram), 0.0)
-        tiny = tf.constant(1e-30, z.dtype)
-        scale = tf.maximum(tf.reduce_max(diag, axis=-1), tiny)
-        eye = tf.eye(m, dtype=z.dtype)
-        h = tf.where(both[None], gram / scale[:, None, None] + lam * eye, eye)
-        rhs = tf.tile(
-            tf.cast(valid, z.dtype)[None, :, None], [tf.shape(z)[0], 1, 1]
+        zero = ops.zeros((), z.dtype)
+        diag = ops.where(valid[None], ops.diagonal(gram, 0, -2, -1), zero)
+        tiny = ops.convert_to_tensor(1e-30, z.dtype)
+        scale = ops.maximum(ops.max(diag, axis=-1), tiny)
+        eye = ops.eye(m, dtype=z.dtype)
+        h = ops.where(both[None], gram / scale[:, None, None] + lam * eye, eye)
+        rhs = ops.broadcast_to(
+            ops.cast(valid, z.dtype)[None, :, None], (ops.shape(z)[0], m, 1)
         )
-        sol = tf.linalg.cholesky_solve(tf.linalg.cholesky(h), rhs)[..., 0]
-        alpha = sol / tf.reduce_sum(sol, axis=-1, keepdims=True)
-        ok = tf.reduce_all(tf.math.is_finite(alpha), axis=-1, keepdims=True)
-        alpha = tf.where(ok, alpha, tf.one_hot(slot, m, dtype=z.dtype)[None])
+        sol = backend.cholesky_solve(h, rhs)[..., 0]
+        alpha = sol / ops.sum(sol, axis=-1, keepdims=True)
+        ok = ops.all(ops.isfinite(alpha), axis=-1, keepdims=True)
+        alpha = ops.where(ok, alpha, ops.one_hot(slot, m, dtype=z.dtype)[None])
 
         # αᵀ F as a [1, m] × [m, d] product per sample (faster than a
         # transposed matrix-vector product on this layout).
-        z_next = tf.matmul(alpha[:, None, :], fs)[:, 0]
+        z_next = ops.matmul(alpha[:, None, :], fs)[:, 0]
         if beta != 1.0:
-            z_next -= (1.0 - beta) * tf.matmul(alpha[:, None, :], gs)[:, 0]
+            z_next -= (1.0 - beta) * ops.matmul(alpha[:, None, :], gs)[:, 0]
         return z_next, (hist, gram, step + 1)
 
     return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose)

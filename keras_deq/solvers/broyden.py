@@ -3,10 +3,12 @@
 from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
-import tensorflow as tf
+import ml_dtypes
+from keras import backend as keras_backend
+from keras import ops
 
-from keras_deq.solvers import _history
+from keras_deq import backend
+from keras_deq.backend import Tensor
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 
@@ -24,23 +26,31 @@ class LowRankInverse(NamedTuple):
         vts: `[B, slots, d]`, the v_i.
     """
 
-    us: tf.Tensor
-    vts: tf.Tensor
+    us: Tensor
+    vts: Tensor
 
-    def matvec(self, v: tf.Tensor) -> tf.Tensor:
+    def matvec(self, v: Tensor) -> Tensor:
         """(I − J_f)⁻¹ v for `[B, d]` v."""
-        coefficients = tf.linalg.matvec(self.vts, v)
-        return v - tf.matmul(coefficients[:, None, :], self.us)[:, 0]
+        return v - _combine(_matvec(self.vts, v), self.us)
 
-    def transpose_matvec(self, g: tf.Tensor) -> tf.Tensor:
+    def transpose_matvec(self, g: Tensor) -> Tensor:
         """(I − J_f)⁻ᵀ g for `[B, d]` g: the implicit backward's solution."""
-        coefficients = tf.linalg.matvec(self.us, g)
-        return g - tf.matmul(coefficients[:, None, :], self.vts)[:, 0]
+        return g - _combine(_matvec(self.us, g), self.vts)
+
+
+def _matvec(vectors: Tensor, v: Tensor) -> Tensor:
+    """`[B, slots]` inner products of each sample's vectors with its v."""
+    return ops.matmul(vectors, v[:, :, None])[:, :, 0]
+
+
+def _combine(coefficients: Tensor, vectors: Tensor) -> Tensor:
+    """`[B, d]` Σ_i c_i vectors_i per sample."""
+    return ops.matmul(coefficients[:, None, :], vectors)[:, 0]
 
 
 def broyden(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z0: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
     max_iter: int,
     tol: float,
     stop_mode: str = "rel",
@@ -102,39 +112,41 @@ def broyden(
         # is written by the next step, before it reads the history: every
         # read then sees the buffer the last write left, so the write can
         # reuse the buffer (in a graph and under XLA alike).
-        hist = _history.new(z0, 2, slots)
-        pending = (tf.zeros_like(z0), tf.zeros_like(z0), tf.constant(0))
-        return (hist, pending, tf.constant(0), z0, fz0 - z0)
+        hist = backend.new_history(z0, 2, slots)
+        zero = ops.convert_to_tensor(0, "int32")
+        pending = (ops.zeros_like(z0), ops.zeros_like(z0), zero)
+        return (hist, pending, zero, z0, fz0 - z0)
 
     def propose(z, fz, state, active):
         hist, pending, step, z_prev, g_prev = state
         u_prev, vt_prev, slot_prev = pending
         # After `fz`, which comes after every read of the previous step.
-        hist = _history.write(hist, slot_prev, [u_prev, vt_prev], after=[fz])
-        us = _history.read(hist, 0)
-        vts = _history.read(hist, 1)
+        hist = backend.write_history(
+            hist, slot_prev, [u_prev, vt_prev], after=[fz]
+        )
+        us, vts = hist[0], hist[1]
         g = fz - z
         dz = z - z_prev
         dg = g - g_prev
         # B g and vᵀ = dzᵀ B with B = −I + Σ u_i v_iᵀ; zero slots add nothing.
-        vg = tf.linalg.matvec(vts, g)
-        bg = -g + tf.matmul(vg[:, None, :], us)[:, 0]
-        udz = tf.linalg.matvec(us, dz)
-        vt = -dz + tf.matmul(udz[:, None, :], vts)[:, 0]
+        vg = _matvec(vts, g)
+        bg = -g + _combine(vg, us)
+        vt = -dz + _combine(_matvec(us, dz), vts)
         # The last step was dz = −B g_prev, so B dg = B g + dz and the
         # good-Broyden u = (dz − B dg) / (dzᵀ B dg) is −B g / (vᵀ dg).
-        denom = tf.reduce_sum(vt * dg, axis=-1)
-        scale = tf.norm(vt, axis=-1) * tf.norm(dg, axis=-1)
-        eps = tf.constant(np.finfo(z.dtype.as_numpy_dtype).eps, z.dtype)
+        denom = ops.sum(vt * dg, axis=-1)
+        scale = _loop.norm(vt) * _loop.norm(dg)
+        dtype = keras_backend.standardize_dtype(z.dtype)
+        eps = ops.convert_to_tensor(ml_dtypes.finfo(dtype).eps, dtype)
         ok = (
             active
             & (step > 0)
-            & tf.math.is_finite(denom)
-            & (tf.abs(denom) > eps * scale)
+            & ops.isfinite(denom)
+            & (ops.abs(denom) > eps * scale)
         )
-        safe_denom = tf.where(ok, denom, tf.ones_like(denom))
-        u = tf.where(ok[:, None], -bg / safe_denom[:, None], tf.zeros_like(g))
-        vt = tf.where(ok[:, None], vt, tf.zeros_like(g))
+        safe_denom = ops.where(ok, denom, ops.ones_like(denom))
+        u = ops.where(ok[:, None], -bg / safe_denom[:, None], ops.zeros_like(g))
+        vt = ops.where(ok[:, None], vt, ops.zeros_like(g))
         # The new pair will take the oldest slot (empty until the history is
         # full), whose pair leaves B.
         slot = (step - 1) % slots
@@ -143,7 +155,7 @@ def broyden(
         # The updated B applied to g, without another pass over the history.
         bg_new = (
             bg
-            + u * tf.reduce_sum(vt * g, axis=-1, keepdims=True)
+            + u * ops.sum(vt * g, axis=-1, keepdims=True)
             - old_u * old_vg[:, None]
         )
         return z - bg_new, (hist, (u, vt, slot), step + 1, z, g)
@@ -152,7 +164,7 @@ def broyden(
         # The last step's pair is still pending; B includes it (the step
         # was taken with it), so the estimate does too.
         hist, (u, vt, slot), *_ = state
-        hist = _history.write(hist, slot, [u, vt], after=[])
-        return LowRankInverse(_history.read(hist, 0), _history.read(hist, 1))
+        hist = backend.write_history(hist, slot, [u, vt], after=[])
+        return LowRankInverse(hist[0], hist[1])
 
     return _loop.iterate(f, z0, max_iter, tol, stop_mode, init, propose, finish)

@@ -2,15 +2,14 @@
 
 from collections.abc import Callable
 
-import tensorflow as tf
-
+from keras_deq.backend import Tensor
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
 
 
 def fixed_point(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z0: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
     max_iter: int,
     tol: float,
     stop_mode: str = "rel",

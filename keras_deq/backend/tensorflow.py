@@ -1,6 +1,7 @@
-"""Solver histories that are written in place inside a `tf.while_loop`.
+"""The TensorFlow side of `keras_deq.backend`.
 
-Broyden and Anderson keep a few `[B, d]` vectors per sample from earlier
+Solver histories are written in place inside a `tf.while_loop`. Broyden
+and Anderson keep a few `[B, d]` vectors per sample from earlier
 iterations. Written functionally (`tf.tensor_scatter_nd_update`), every step
 copies the whole history (on a `[32, 32·32·64]` float32 state with ten slots,
 two 84 MB copies per step), and the copy doubles the history's peak memory.
@@ -21,6 +22,8 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 from tensorflow.python.ops import control_flow_util
 
+Tensor = tf.Tensor
+
 
 def _mode() -> str:
     """How to write: "in_place", "xla" or (eagerly) "scatter"."""
@@ -32,7 +35,7 @@ def _mode() -> str:
     return "in_place"
 
 
-def new(z0: tf.Tensor, count: int, slots: int) -> tf.Tensor:
+def new_history(z0: tf.Tensor, count: int, slots: int) -> tf.Tensor:
     """`count` zero-filled histories of `slots` vectors like each row of z0."""
     shape = tf.shape(z0)
     full = tf.stack([count, shape[0], slots, shape[1]])
@@ -41,12 +44,7 @@ def new(z0: tf.Tensor, count: int, slots: int) -> tf.Tensor:
     return tf.zeros(full, z0.dtype)
 
 
-def read(history: tf.Tensor, index: int) -> tf.Tensor:
-    """History `index` as `[B, slots, d]` (no copy)."""
-    return history[index]
-
-
-def write(
+def write_history(
     history: tf.Tensor,
     slot: tf.Tensor,
     values: list[tf.Tensor],
@@ -55,7 +53,7 @@ def write(
     """Puts `values[i]` (`[B, d]`) into slot `slot` of history `i`.
 
     Args:
-        history: a tensor from `new`.
+        history: a tensor from `new_history`.
         slot: scalar int32 slot, the same for every sample.
         values: one `[B, d]` tensor per history.
         after: tensors the write must wait for: ones computed from an
@@ -96,3 +94,22 @@ def write(
                 flat, rows[:, None], tf.concat(values, axis=0)
             )
     return tf.reshape(flat, shape)
+
+
+def fix_shape(x: tf.Tensor, shape) -> tf.Tensor:
+    """`x` with its static shape set to `shape` (checked when run).
+
+    f may lose static dimensions that its input has (a reshape by a
+    computed shape, say); a `tf.while_loop` needs them fixed.
+    """
+    return tf.ensure_shape(x, shape)
+
+
+def cholesky_solve(h: tf.Tensor, rhs: tf.Tensor) -> tf.Tensor:
+    """h⁻¹ rhs for batched SPD `h`; NaN where the factorisation fails.
+
+    `keras.ops.cholesky` raises on TensorFlow where the factorisation
+    fails (it checks for NaNs); the solvers need the NaNs, to fall back
+    per sample.
+    """
+    return tf.linalg.cholesky_solve(tf.linalg.cholesky(h), rhs)
