@@ -1,19 +1,44 @@
-"""Test setup: quiet TensorFlow, two logical CPUs, opt-in slow tests."""
+"""Test setup: quiet TensorFlow, two logical CPUs, opt-in slow tests.
+
+The suite runs on TensorFlow. `KERAS_BACKEND=jax python -m pytest` runs
+the tests that are written for every backend (`ANY_BACKEND_TESTS`), in
+float64 where they ask for it.
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# MirroredStrategy tests need two devices; they must exist before TensorFlow
-# initialises its runtime, so the split happens at import, before any test.
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
-)
+# Test modules that import nothing backend-specific and run on any backend.
+ANY_BACKEND_TESTS = ("solvers/test_solvers.py",)
+
+if os.environ["KERAS_BACKEND"] == "tensorflow":
+    import tensorflow as tf
+
+    # MirroredStrategy tests need two devices; they must exist before
+    # TensorFlow initialises its runtime, so the split happens at import,
+    # before any test.
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+else:
+    if os.environ["KERAS_BACKEND"] == "jax":
+        import jax
+
+        # The dense references compare in float64, as they do on TensorFlow.
+        jax.config.update("jax_enable_x64", True)
+
+    def pytest_ignore_collect(collection_path, config):
+        if collection_path.is_dir() or collection_path.suffix != ".py":
+            return None
+        relative = collection_path.relative_to(config.rootpath / "tests")
+        if relative.name.startswith("test_"):
+            return relative.as_posix() not in ANY_BACKEND_TESTS
+        return None
 
 
 def pytest_addoption(parser):
@@ -41,6 +66,8 @@ def mirrored():
     keys, and their all-reduces then meet the wrong partners ("Shape
     mismatch in the collective instance"); tests share this one instead.
     """
+    import tensorflow as tf
+
     devices = tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
 

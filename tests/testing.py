@@ -10,16 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 import keras_deq
+from tests.any_backend import contraction  # noqa: F401
 
 # --- Blocks with known behaviour ---------------------------------------
-
-
-def contraction(rng, n, norm):
-    """An n×n matrix with spectral norm `norm`."""
-    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    s = np.linspace(norm, norm / 3, n)
-    q2, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    return (q * s) @ q2
 
 
 @keras.saving.register_keras_serializable(package="keras_deq_tests")
