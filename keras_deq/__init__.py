@@ -1,10 +1,12 @@
 """keras_deq: deep equilibrium models for Keras 3.
 
-The solvers (`keras_deq.solvers`) run on TensorFlow and JAX; the layers,
-models, gradients and callbacks need the TensorFlow backend so far.
+The solvers (`keras_deq.solvers`) and the Jacobian estimates
+(`keras_deq.jacobian`) run on TensorFlow and JAX; the layers, models,
+gradients and callbacks need the TensorFlow backend so far.
 """
 
 from keras_deq import backend
+from keras_deq import jacobian
 from keras_deq import solvers
 
 __version__ = "0.1.0"
@@ -13,7 +15,6 @@ if backend.BACKEND == "tensorflow":
     from keras_deq import callbacks  # noqa: E402
     from keras_deq import diagnostics  # noqa: E402
     from keras_deq import gradients  # noqa: E402
-    from keras_deq import jacobian  # noqa: E402
     from keras_deq import layers  # noqa: E402
     from keras_deq import models  # noqa: E402
     from keras_deq import regularizers  # noqa: E402

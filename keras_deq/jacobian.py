@@ -8,22 +8,23 @@ vector-Jacobian products of one evaluation of f, never the dense Jacobian.
 from collections.abc import Callable
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_deq import backend as _backend
+from keras_deq import backend
+from keras_deq.backend import Tensor
 from keras_deq.utils import validation
-
-_backend.require_tensorflow(__name__)
+from keras_deq.utils.numerics import norm
 
 
 def linearize(
-    f: Callable[[tf.Tensor], tf.Tensor], z: tf.Tensor
-) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
+    f: Callable[[Tensor], Tensor], z: Tensor
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Evaluates f(z) once and returns it with its vector-Jacobian product.
 
     `vjp(u)` is uᵀ J_f(z) (sample by sample for a per-sample f), computed
-    from the single recorded evaluation, as often as needed. Under an outer
-    `tf.GradientTape` the products are themselves differentiable.
+    from the single recorded evaluation, as often as needed. The products
+    are themselves differentiable (under an outer `tf.GradientTape` on
+    TensorFlow; `jax.vjp` composes on JAX).
 
     Returns:
         `(f(z), vjp)`.
@@ -34,27 +35,15 @@ def linearize(
         >>> float(fz[0, 0]), float(vjp(tf.ones([1, 1]))[0, 0])
         (9.0, 6.0)
     """
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(z)
-        fz = f(z)
-
-    def vjp(u):
-        return tape.gradient(
-            fz,
-            z,
-            output_gradients=u,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-
-    return fz, vjp
+    return backend.linearize(f, z)
 
 
 def frobenius_estimate(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z: Tensor,
     num_samples: int = 1,
     seed: "int | keras.random.SeedGenerator | None" = None,
-) -> tf.Tensor:
+) -> Tensor:
     """Hutchinson estimate of ‖J_f(z)‖_F² / d, per sample.
 
     For ε ~ N(0, I_d), E‖εᵀ J‖² = tr(J Jᵀ) = ‖J‖_F², so the mean of
@@ -64,8 +53,9 @@ def frobenius_estimate(
 
     The result is differentiable with respect to the variables f reads and
     the tensors it closes over (double backpropagation): called under a
-    `tf.GradientTape`, the tape records the vector-Jacobian products. `z`
-    itself gets no gradient.
+    `tf.GradientTape`, the tape records the vector-Jacobian products (on
+    JAX, differentiate the function that calls it). `z` itself gets no
+    gradient.
 
     Args:
         f: maps `[B, d]` to `[B, d]`, each sample on its own.
@@ -75,7 +65,7 @@ def frobenius_estimate(
             same probes), a
             `keras.random.SeedGenerator` (new probes on every call, also
             inside a compiled function), or `None` (TensorFlow's stateful
-            random generator).
+            random generator; Keras' global one on JAX).
 
     Returns:
         `[B]` estimates, in the dtype of `z`.
@@ -96,26 +86,27 @@ def frobenius_estimate(
         Regularization", ICML 2021, eq. 3–4.
     """
     validation.check_int("num_samples", num_samples, 1)
-    z = tf.stop_gradient(tf.convert_to_tensor(z))
-    if z.shape.rank != 2:
+    z = ops.stop_gradient(ops.convert_to_tensor(z))
+    if len(z.shape) != 2:
         raise ValueError(
             f"`z` must have shape [batch, d]. Received shape {z.shape}."
         )
     _, vjp = linearize(f, z)
-    d = tf.cast(tf.shape(z)[-1], z.dtype)
-    total = tf.zeros(tf.shape(z)[:1], z.dtype)
+    shape = ops.shape(z)
+    d = ops.cast(shape[-1], z.dtype)
+    total = ops.zeros(shape[:1], z.dtype)
     for m in range(num_samples):
-        eps = _normal(tf.shape(z), z.dtype, seed, m)
-        total += tf.reduce_sum(tf.square(vjp(eps)), axis=-1)
+        eps = backend.normal(shape, z.dtype, seed, m)
+        total += ops.sum(ops.square(vjp(eps)), axis=-1)
     return total / (num_samples * d)
 
 
 def spectral_radius(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z: Tensor,
     num_iters: int = 50,
     seed: int = 0,
-) -> tf.Tensor:
+) -> Tensor:
     """Power-method estimate of ρ(J_f(z)), per sample.
 
     Iterates v ← vᵀJ / ‖vᵀJ‖ (the spectrum of Jᵀ is that of J) from a
@@ -146,37 +137,20 @@ def spectral_radius(
         Regularization", ICML 2021, §5.4.
     """
     validation.check_int("num_iters", num_iters, 2)
-    z = tf.stop_gradient(tf.convert_to_tensor(z))
+    z = ops.stop_gradient(ops.convert_to_tensor(z))
     _, vjp = linearize(f, z)
 
     def normalize(v):
-        return tf.math.divide_no_nan(v, tf.norm(v, axis=-1, keepdims=True))
+        return ops.divide_no_nan(v, norm(v, keepdims=True))
 
-    v = normalize(_normal(tf.shape(z), z.dtype, seed, 0))
+    v = normalize(backend.normal(ops.shape(z), z.dtype, seed, 0))
     # The loop variable keeps z's static shape: a block that reshapes
     # internally (the MDEQ's) returns products of unknown shape, which a
     # graph while loop would reject.
-    v = tf.while_loop(
+    v = ops.while_loop(
         lambda i, v: i < num_iters - 2,
-        lambda i, v: (i + 1, tf.ensure_shape(normalize(vjp(v)), z.shape)),
-        (tf.constant(0), v),
+        lambda i, v: (i + 1, backend.fix_shape(normalize(vjp(v)), z.shape)),
+        (ops.convert_to_tensor(0, "int32"), v),
     )[1]
-    radius = tf.sqrt(tf.norm(vjp(vjp(v)), axis=-1))
-    return tf.stop_gradient(radius)
-
-
-def _normal(shape, dtype, seed, index):
-    if seed is None:
-        return tf.random.normal(shape, dtype=dtype)
-    if isinstance(seed, keras.random.SeedGenerator):
-        return keras.random.normal(shape, dtype=dtype, seed=seed)
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return tf.random.stateless_normal(shape, [seed, index], dtype=dtype)
-    if tf.is_tensor(seed) and seed.dtype.is_integer and seed.shape.rank == 0:
-        key = tf.stack([tf.cast(seed, tf.int64), tf.constant(index, tf.int64)])
-        return tf.random.stateless_normal(shape, key, dtype=dtype)
-    raise TypeError(
-        "`seed` must be an int (or a scalar integer tensor), a "
-        "keras.random.SeedGenerator or None. "
-        f"Received: seed={seed!r} of type {type(seed).__name__}"
-    )
+    radius = ops.sqrt(norm(vjp(vjp(v))))
+    return ops.stop_gradient(radius)

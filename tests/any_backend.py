@@ -34,6 +34,49 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
+def gradients(loss_fn, variables):
+    """∂ loss_fn() / ∂ v for each `keras.Variable` v that loss_fn reads.
+
+    On JAX the variables' values are passed through a
+    `keras.StatelessScope`, since `jax.grad` cannot see closed-over state.
+    """
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return tape.gradient(loss, variables)
+    import jax
+
+    def loss_of(values):
+        mapping = list(zip(variables, values, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            return loss_fn()
+
+    return jax.grad(loss_of)([v.value for v in variables])
+
+
+def central_differences(value_fn, variables, eps=1e-6):
+    """∂value/∂v for each variable, by central differences, entry by entry.
+
+    `value_fn()` returns a float computed from the current variable values;
+    each variable is restored after its entries have been bumped.
+    """
+    grads = []
+    for var in variables:
+        value = np.array(var.numpy())
+        grad = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            for sign in (1, -1):
+                bumped = value.copy()
+                bumped[index] += sign * eps
+                var.assign(bumped)
+                grad[index] += sign * value_fn() / (2 * eps)
+        var.assign(value)
+        grads.append(grad)
+    return grads
+
+
 def contraction(rng, n, norm):
     """An n×n matrix with spectral norm `norm`."""
     q, _ = np.linalg.qr(rng.normal(size=(n, n)))

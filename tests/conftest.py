@@ -13,7 +13,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import pytest  # noqa: E402
 
 # Test modules that import nothing backend-specific and run on any backend.
-ANY_BACKEND_TESTS = ("solvers/test_solvers.py",)
+ANY_BACKEND_TESTS = ("solvers/test_solvers.py", "test_jacobian.py")
 
 if os.environ["KERAS_BACKEND"] == "tensorflow":
     import tensorflow as tf

@@ -9,7 +9,11 @@ module with the same functions:
   where the backend allows (see `tensorflow.py`);
 - `fix_shape(x, shape)`: states the static shape of a loop variable;
 - `cholesky_solve(h, rhs)`: solves h x = rhs for symmetric positive
-  definite `h`, with NaNs (not an error) where `h` is not.
+  definite `h`, with NaNs (not an error) where `h` is not;
+- `linearize(f, z)`: `(f(z), vjp)`, vector-Jacobian products of one
+  evaluation of f;
+- `normal(shape, dtype, seed, index)`: the Jacobian estimates' Gaussian
+  probes from an int seed, a `keras.random.SeedGenerator` or `None`.
 """
 
 import keras
@@ -29,7 +33,7 @@ else:
     )
 
 # What runs on every supported backend so far; the rest needs TensorFlow.
-PORTABLE = ("keras_deq.solvers",)
+PORTABLE = ("keras_deq.solvers", "keras_deq.jacobian")
 
 
 def require_tensorflow(module: str) -> None:
@@ -52,6 +56,8 @@ new_history = _impl.new_history
 write_history = _impl.write_history
 fix_shape = _impl.fix_shape
 cholesky_solve = _impl.cholesky_solve
+linearize = _impl.linearize
+normal = _impl.normal
 
 __all__ = [
     "BACKEND",
@@ -60,7 +66,9 @@ __all__ = [
     "PORTABLE",
     "cholesky_solve",
     "fix_shape",
+    "linearize",
     "new_history",
+    "normal",
     "require_tensorflow",
     "write_history",
 ]

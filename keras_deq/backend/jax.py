@@ -6,6 +6,7 @@ in place on a loop-carried buffer that nothing reads afterwards.
 
 import jax
 import jax.numpy as jnp
+import keras
 from jax.scipy.linalg import cho_solve
 
 Tensor = jax.Array
@@ -46,3 +47,37 @@ def fix_shape(x: Tensor, shape) -> Tensor:
 def cholesky_solve(h: Tensor, rhs: Tensor) -> Tensor:
     """h⁻¹ rhs for batched SPD `h`; NaN where the factorisation fails."""
     return cho_solve((jnp.linalg.cholesky(h), True), rhs)
+
+
+def linearize(f, z: Tensor):
+    """`(f(z), vjp)` from one evaluation (`jax.vjp`); the products are
+    differentiable by JAX's transformations."""
+    fz, pullback = jax.vjp(f, z)
+
+    def vjp(u):
+        return pullback(u)[0]
+
+    return fz, vjp
+
+
+def normal(shape, dtype, seed, index: int) -> Tensor:
+    """N(0, 1) draws: probe `index` of `seed` (see `jacobian`'s seeds).
+
+    An int or scalar integer array seed gives the key
+    `fold_in(key(seed), index)`; `None` Keras' global generator.
+    """
+    if seed is None or isinstance(seed, keras.random.SeedGenerator):
+        return keras.random.normal(shape, dtype=dtype, seed=seed)
+    is_int = isinstance(seed, int) and not isinstance(seed, bool)
+    if is_int or (
+        isinstance(seed, jax.Array)
+        and jnp.issubdtype(seed.dtype, jnp.integer)
+        and seed.ndim == 0
+    ):
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        return jax.random.normal(key, tuple(shape), dtype)
+    raise TypeError(
+        "`seed` must be an int (or a scalar integer array), a "
+        "keras.random.SeedGenerator or None. "
+        f"Received: seed={seed!r} of type {type(seed).__name__}"
+    )

@@ -18,6 +18,7 @@ write is a dynamic-update-slice, which XLA performs in place when nothing
 reads the old buffer afterwards; eagerly it is `tensor_scatter_nd_update`.
 """
 
+import keras
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 from tensorflow.python.ops import control_flow_util
@@ -113,3 +114,45 @@ def cholesky_solve(h: tf.Tensor, rhs: tf.Tensor) -> tf.Tensor:
     per sample.
     """
     return tf.linalg.cholesky_solve(tf.linalg.cholesky(h), rhs)
+
+
+def linearize(f, z: tf.Tensor):
+    """`(f(z), vjp)` from one evaluation recorded on a persistent tape.
+
+    Under an outer `tf.GradientTape` the products are differentiable.
+    """
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z)
+        fz = f(z)
+
+    def vjp(u):
+        return tape.gradient(
+            fz,
+            z,
+            output_gradients=u,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    return fz, vjp
+
+
+def normal(shape, dtype, seed, index: int) -> tf.Tensor:
+    """N(0, 1) draws: probe `index` of `seed` (see `jacobian`'s seeds).
+
+    An int or scalar integer tensor seed gives `stateless_normal` with
+    the key `[seed, index]`; `None` TensorFlow's stateful generator.
+    """
+    if seed is None:
+        return tf.random.normal(shape, dtype=dtype)
+    if isinstance(seed, keras.random.SeedGenerator):
+        return keras.random.normal(shape, dtype=dtype, seed=seed)
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return tf.random.stateless_normal(shape, [seed, index], dtype=dtype)
+    if tf.is_tensor(seed) and seed.dtype.is_integer and seed.shape.rank == 0:
+        key = tf.stack([tf.cast(seed, tf.int64), tf.constant(index, tf.int64)])
+        return tf.random.stateless_normal(shape, key, dtype=dtype)
+    raise TypeError(
+        "`seed` must be an int (or a scalar integer tensor), a "
+        "keras.random.SeedGenerator or None. "
+        f"Received: seed={seed!r} of type {type(seed).__name__}"
+    )

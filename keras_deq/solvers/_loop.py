@@ -15,6 +15,7 @@ from keras import ops
 from keras_deq import backend
 from keras_deq.backend import Tensor
 from keras_deq.utils import validation
+from keras_deq.utils.numerics import norm
 
 STOP_MODES = ("rel", "abs")
 
@@ -56,14 +57,6 @@ def check_solver_args(max_iter: int, tol: float, stop_mode: str) -> None:
     validation.check_int("max_iter", max_iter, 1)
     validation.check_positive("tol", tol)
     validation.check_choice("stop_mode", stop_mode, STOP_MODES)
-
-
-def norm(x: Tensor) -> Tensor:
-    """Per-sample Euclidean norm of a `[B, d]` tensor, in x's dtype.
-
-    (`keras.ops.norm` computes float64 input in float32 on JAX.)
-    """
-    return ops.sqrt(ops.sum(ops.square(x), axis=-1))
 
 
 def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:

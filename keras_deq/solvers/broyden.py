@@ -11,6 +11,7 @@ from keras_deq import backend
 from keras_deq.backend import Tensor
 from keras_deq.solvers import _loop
 from keras_deq.utils import validation
+from keras_deq.utils.numerics import norm
 
 
 class LowRankInverse(NamedTuple):
@@ -135,7 +136,7 @@ def broyden(
         # The last step was dz = −B g_prev, so B dg = B g + dz and the
         # good-Broyden u = (dz − B dg) / (dzᵀ B dg) is −B g / (vᵀ dg).
         denom = ops.sum(vt * dg, axis=-1)
-        scale = _loop.norm(vt) * _loop.norm(dg)
+        scale = norm(vt) * norm(dg)
         dtype = keras_backend.standardize_dtype(z.dtype)
         eps = ops.convert_to_tensor(ml_dtypes.finfo(dtype).eps, dtype)
         ok = (
