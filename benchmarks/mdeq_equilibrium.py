@@ -21,8 +21,12 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
   zero first iterate (`random_start=1.0`);
 - `correction`: the fixed-point correction loss, λ 1 over 3 iterates;
 - `_12`: 12 forward iterations instead of 7;
-- `defaults`: the model's defaults as they are now (`defaults_20`: with
-  20 forward iterations).
+- `defaults`: the model's defaults as they are now (`defaults_10`: with
+  10 forward iterations);
+- `previous`: the defaults before 2026-12-06 (one phantom step, λ 1;
+  `previous_12`, `previous_20`: with 12 or 20 forward iterations,
+  `previous_correction3`: with λ 3; `correction3_nopenalty`,
+  `correction5_nopenalty`: with λ 3 or 5 and no penalty).
 
 Prints one row per run and writes them to `--output` (JSON); `--plot`
 draws accuracy and residual against the test-time iterations.
@@ -59,7 +63,10 @@ BEFORE = {
     "random_start": None,
 }
 PENALTY = {"jac_weight": 1.0, "jac_freq": 1.0}
-PHANTOM = {**BEFORE, "gradient": "phantom"}
+# The defaults from the first equilibrium round until 2026-12-06: one
+# phantom step and λ = 1; the defaults since are 3 steps and λ = 3.
+PREVIOUS = {"phantom_steps": 1, "correction_weight": 1.0}
+PHANTOM = {**BEFORE, "gradient": "phantom", "phantom_steps": 1}
 LEVERS = {
     "unrolled": BEFORE,
     "implicit": {**BEFORE, "gradient": "implicit"},
@@ -106,12 +113,25 @@ LEVERS = {
     },
     # The model's defaults as they are now.
     "defaults": {},
-    # With 20 forward iterations, about what the solve needs to reach tol.
-    "defaults_20": {"max_iter": 20},
-    # Between the two.
-    "defaults_12": {"max_iter": 12},
-    # A stronger fixed-point correction at the default budget.
-    "defaults_correction3": {"correction_weight": 3.0},
+    # The defaults with 10 forward iterations.
+    "defaults_10": {"max_iter": 10},
+    # The defaults before 2026-12-06's change (one phantom step, λ = 1),
+    # alone, with 12 or 20 forward iterations and with λ = 3.
+    "previous": PREVIOUS,
+    "previous_12": {**PREVIOUS, "max_iter": 12},
+    "previous_20": {**PREVIOUS, "max_iter": 20},
+    "previous_correction3": {**PREVIOUS, "correction_weight": 3.0},
+    # The correction alone: no penalty, λ = 3 (or 5), one phantom step.
+    "correction3_nopenalty": {
+        **PREVIOUS,
+        "correction_weight": 3.0,
+        "jac_weight": 0.0,
+    },
+    "correction5_nopenalty": {
+        **PREVIOUS,
+        "correction_weight": 5.0,
+        "jac_weight": 0.0,
+    },
 }
 
 _LEVERS = flags.DEFINE_list(

@@ -28,7 +28,7 @@ step with γ = 1 instead of γ = 0.5 at p = 0.05, a fixed-point correction
 loss, training solves from random first iterates, expansion 2, no dropout,
 N(0, 0.05²) initialisation; `MDEQClassifier`'s docstring says why).
 `build_model(**kwargs)` takes any of them (`gradient="phantom"`,
-`correction_weight=1.0`, `random_start=1.0`, ...); the penalty's and the
+`correction_weight=3.0`, `random_start=1.0`, ...); the penalty's and the
 block's also come as flags.
 
 CIFAR-10 comes through TensorFlow Datasets from `--data_dir`; this

@@ -31,11 +31,11 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
     with 7 forward NFEs and tolerance 1e-3, M = 1 -- with these departures
     (the paper's values in `PAPER_CIFAR10`):
 
-    - the phantom gradient (one step from z*; the paper's is implicit),
-      which needs no backward solve and keeps training memory constant in
-      `max_iter`;
+    - the phantom gradient (three steps from z*; the paper's is
+      implicit), which needs no backward solve and keeps training memory
+      constant in `max_iter`;
     - the Jacobian penalty on every step, γ = 1, p = 1 (γ 0.5, p 0.05);
-    - the fixed-point correction loss, λ = 1 over the first 3 iterates
+    - the fixed-point correction loss, λ = 3 over the first 3 iterates
       (`correction_weight`; none in the paper);
     - training solves start from N(0, 1) noise around the zero first
       iterate (`random_start=1.0`; Anil et al., NeurIPS 2022);
@@ -113,10 +113,11 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         "backward_max_iter": 8,
         "backward_tol": 1e-4,
         "gradient": "phantom",
+        "phantom_steps": 3,
         "jac_weight": 1.0,
         "jac_freq": 1.0,
         "jac_samples": 1,
-        "correction_weight": 1.0,
+        "correction_weight": 3.0,
         "random_start": 1.0,
     }
 

@@ -48,10 +48,10 @@ def test_default_model_has_four_resolutions_and_its_documented_defaults():
     assert model.output.shape == (None, 10)
     check_table4_solver(deq)
     # The departures from Table 4 (see the class docstring).
-    assert deq.gradient == "phantom" and deq.phantom_steps == 1
+    assert deq.gradient == "phantom" and deq.phantom_steps == 3
     assert float(deq.jac_weight.numpy()) == 1.0
     assert float(deq.jac_freq.numpy()) == 1.0
-    assert (deq.correction_weight, deq.correction_states) == (1.0, 3)
+    assert (deq.correction_weight, deq.correction_states) == (3.0, 3)
     assert deq.random_start == 1.0
     dropouts = keras_deq.layers.noise.noisy_layers(deq.block)
     assert len(dropouts) == 4 and all(d.rate == 0.0 for d in dropouts)
