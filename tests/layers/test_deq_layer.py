@@ -331,22 +331,45 @@ def test_block_output_structure_must_match_state():
         layer(np.zeros((2, 4), "float32"))
 
 
-def test_import_under_another_backend_says_what_to_do():
+def _run_python(code, **env):
     import subprocess
     import sys
 
-    # Pretend Keras chose another backend (installing one is not needed to
-    # check the message keras_deq gives).
-    code = (
-        "import keras; keras.backend.backend = lambda: 'jax'; import keras_deq"
-    )
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", code],
-        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": ""},
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "", **env},
         capture_output=True,
         text=True,
     )
+
+
+def test_import_under_an_unsupported_backend_says_what_to_do():
+    # Pretend Keras chose a backend keras_deq does not support (installing
+    # one is not needed to check the message keras_deq gives).
+    result = _run_python(
+        "import keras; keras.backend.backend = lambda: 'torch'; "
+        "import keras_deq"
+    )
     assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "['tensorflow', 'jax']" in result.stderr
+    assert "KERAS_BACKEND" in result.stderr
+
+
+def test_under_jax_the_solvers_work_and_the_layer_says_it_needs_tensorflow():
+    pytest.importorskip("jax")
+    result = _run_python(
+        "import numpy as np, keras_deq\n"
+        "z = keras_deq.solvers.broyden(lambda z: 0.5 * z + 1.0, "
+        "np.zeros((1, 2), 'float32'), 30, 1e-6).z\n"
+        "print(np.round(np.asarray(z), 4).tolist())\n"
+        "from keras_deq import DEQLayer",
+        KERAS_BACKEND="jax",
+    )
+    assert result.returncode != 0
+    # The fixed point of z = z / 2 + 1 is 2.
+    assert result.stdout.strip() == "[[2.0, 2.0]]", result.stdout
+    assert "keras_deq.DEQLayer needs the TensorFlow backend" in result.stderr
     assert "KERAS_BACKEND=tensorflow" in result.stderr
 
 
