@@ -113,8 +113,9 @@ LEVERS = {
     },
     # The model's defaults as they are now.
     "defaults": {},
-    # The defaults with 10 forward iterations.
+    # The defaults with 10 forward iterations; with 5 phantom steps.
     "defaults_10": {"max_iter": 10},
+    "defaults_phantom5": {"phantom_steps": 5},
     # The defaults before 2026-12-06's change (one phantom step, λ = 1),
     # alone, with 12 or 20 forward iterations and with λ = 3.
     "previous": PREVIOUS,
