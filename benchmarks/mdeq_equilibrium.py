@@ -22,7 +22,7 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
 - `correction`: the fixed-point correction loss, λ 1 over 3 iterates;
 - `_12`: 12 forward iterations instead of 7;
 - `defaults`: the model's defaults as they are now (`defaults_10`: with
-  10 forward iterations);
+  10 forward iterations; `defaults_phantom5`: with 5 phantom steps);
 - `previous`: the defaults before 2026-12-06 (one phantom step, λ 1;
   `previous_12`, `previous_20`: with 12 or 20 forward iterations,
   `previous_correction3`: with λ 3; `correction3_nopenalty`,
