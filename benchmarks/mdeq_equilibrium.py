@@ -22,7 +22,8 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
 - `correction`: the fixed-point correction loss, λ 1 over 3 iterates;
 - `_12`: 12 forward iterations instead of 7;
 - `defaults`: the model's defaults as they are now (`defaults_10`: with
-  10 forward iterations; `defaults_phantom5`: with 5 phantom steps);
+  10 forward iterations; `defaults_phantom5`: with 5 phantom steps;
+  `defaults_implicit`, `defaults_reuse`: with that gradient);
 - `previous`: the defaults before 2026-12-06 (one phantom step, λ 1;
   `previous_12`, `previous_20`: with 12 or 20 forward iterations,
   `previous_correction3`: with λ 3; `correction3_nopenalty`,
@@ -116,6 +117,10 @@ LEVERS = {
     # The defaults with 10 forward iterations; with 5 phantom steps.
     "defaults_10": {"max_iter": 10},
     "defaults_phantom5": {"phantom_steps": 5},
+    # The defaults with the implicit gradient, or the one that reuses the
+    # forward Broyden solve's inverse-Jacobian estimate.
+    "defaults_implicit": {"gradient": "implicit"},
+    "defaults_reuse": {"gradient": "reuse"},
     # The defaults before 2026-12-06's change (one phantom step, λ = 1),
     # alone, with 12 or 20 forward iterations and with λ = 3.
     "previous": PREVIOUS,
