@@ -1,24 +1,24 @@
 """keras_deq: deep equilibrium models for Keras 3.
 
-The solvers (`keras_deq.solvers`) and the Jacobian estimates
-(`keras_deq.jacobian`) run on TensorFlow and JAX; the layers, models,
-gradients and callbacks need the TensorFlow backend so far.
+The solvers, the Jacobian estimates, the gradient kinds, the penalty and
+the layers (`DEQLayer` included) run on TensorFlow and JAX; the models,
+diagnostics and callbacks need the TensorFlow backend so far.
 """
 
 from keras_deq import backend
+from keras_deq import gradients
 from keras_deq import jacobian
+from keras_deq import layers
+from keras_deq import regularizers
 from keras_deq import solvers
+from keras_deq.layers import DEQLayer
 
 __version__ = "0.1.0"
 
 if backend.BACKEND == "tensorflow":
     from keras_deq import callbacks  # noqa: E402
     from keras_deq import diagnostics  # noqa: E402
-    from keras_deq import gradients  # noqa: E402
-    from keras_deq import layers  # noqa: E402
     from keras_deq import models  # noqa: E402
-    from keras_deq import regularizers  # noqa: E402
-    from keras_deq.layers import DEQLayer  # noqa: E402
 else:
 
     def __getattr__(name):

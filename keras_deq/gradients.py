@@ -21,20 +21,18 @@ signature, `kind(problem) -> (z, forward)`:
 (and saves by name: register it before loading a model that uses it).
 """
 
-import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
-import tensorflow as tf
-from tensorflow.python.eager import record
+from keras import ops
 
 from keras_deq import backend as _backend
 from keras_deq import jacobian
+from keras_deq.backend import Tensor
 from keras_deq.solvers import LowRankInverse
 from keras_deq.solvers import SolverResult
 from keras_deq.solvers import _loop
-
-_backend.require_tensorflow(__name__)
+from keras_deq.utils.numerics import norm
 
 
 class Problem(NamedTuple):
@@ -83,8 +81,8 @@ class Problem(NamedTuple):
         ```
     """
 
-    f: Callable[[tf.Tensor], tf.Tensor]
-    z0: tf.Tensor
+    f: Callable[[Tensor], Tensor]
+    z0: Tensor
     solve: Callable[[], SolverResult]
     max_iter: int
     backward_solver: Callable[..., SolverResult]
@@ -93,16 +91,16 @@ class Problem(NamedTuple):
     phantom_steps: int
     phantom_tau: float
     on_backward: Callable[[SolverResult], None] | None
-    to_rows: Callable[[tf.Tensor], tf.Tensor] = tf.identity
-    from_rows: Callable[[tf.Tensor], tf.Tensor] = tf.identity
+    to_rows: Callable[[Tensor], Tensor] = lambda v: v  # noqa: E731
+    from_rows: Callable[[Tensor], Tensor] = lambda v: v  # noqa: E731
 
 
-Kind = Callable[[Problem], tuple[tf.Tensor, SolverResult]]
+Kind = Callable[[Problem], tuple[Tensor, SolverResult]]
 
 
 def _implicit_kind(
     problem: Problem, initial=None
-) -> tuple[tf.Tensor, SolverResult]:
+) -> tuple[Tensor, SolverResult]:
     """The implicit backward from z*; `initial` maps the forward's result
     to the backward's first-iterate function (see `implicit`)."""
     forward = problem.solve()
@@ -118,7 +116,7 @@ def _implicit_kind(
     return z, forward
 
 
-def _reuse_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+def _reuse_kind(problem: Problem) -> tuple[Tensor, SolverResult]:
     def estimate(forward):
         inverse = forward.inverse
         if not isinstance(inverse, LowRankInverse):
@@ -135,7 +133,7 @@ def _reuse_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
     return _implicit_kind(problem, estimate)
 
 
-def _phantom_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+def _phantom_kind(problem: Problem) -> tuple[Tensor, SolverResult]:
     forward = problem.solve()
     z = phantom(
         problem.f, forward.z, problem.phantom_steps, problem.phantom_tau
@@ -143,11 +141,11 @@ def _phantom_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
     return z, forward
 
 
-def _unrolled_kind(problem: Problem) -> tuple[tf.Tensor, SolverResult]:
+def _unrolled_kind(problem: Problem) -> tuple[Tensor, SolverResult]:
     z, previous = unrolled(problem.f, problem.z0, problem.max_iter)
     abs_res, rel_res = _loop.residuals(previous, z)
-    nstep = tf.fill(tf.shape(rel_res), problem.max_iter)
-    forward = SolverResult(tf.stop_gradient(z), nstep, abs_res, rel_res)
+    nstep = ops.full(ops.shape(rel_res), problem.max_iter, "int32")
+    forward = SolverResult(ops.stop_gradient(z), nstep, abs_res, rel_res)
     return z, forward
 
 
@@ -252,14 +250,14 @@ def names() -> list[str]:
 
 
 def implicit(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z_star: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z_star: Tensor,
     solver: Callable[..., SolverResult],
     max_iter: int,
     tol: float,
     on_backward: Callable[[SolverResult], None] | None = None,
-    initial: Callable[[tf.Tensor], tf.Tensor] | None = None,
-) -> tf.Tensor:
+    initial: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Returns f(z*) whose gradient follows the implicit function theorem.
 
     With g = ∂ℓ/∂z (the incoming gradient), the backward solves
@@ -316,92 +314,27 @@ def implicit(
     """
     z_out, vjp = jacobian.linearize(f, z_star)
 
-    @tf.custom_gradient
-    def attach(z):
-        def grad(g):
-            g = tf.cast(g, z_star.dtype)
-            scale = tf.norm(g, axis=-1, keepdims=True)
-            g_unit = tf.math.divide_no_nan(g, scale)
-            # Unrecorded even under an outer tape (a persistent one, or one
-            # asking for a gradient of this gradient): see `_first_order`.
-            with record.stop_recording():
-                u0 = g_unit if initial is None else initial(g_unit)
-                if max_iter == 0:
-                    u = u0
-                else:
-                    result = solver(
-                        lambda u: vjp(u) + g_unit, u0, max_iter, tol, "abs"
-                    )
-                    u = result.z
-            if max_iter and on_backward is not None:
-                on_backward(result._replace(rel_residual=result.abs_residual))
-            return _first_order(tf.cast(u * scale, z.dtype), z)
+    def backward(vjp, g):
+        g = ops.cast(g, z_star.dtype)
+        scale = norm(g, keepdims=True)
+        g_unit = ops.divide_no_nan(g, scale)
+        u0 = g_unit if initial is None else initial(g_unit)
+        if max_iter == 0:
+            return u0 * scale
+        result = solver(lambda u: vjp(u) + g_unit, u0, max_iter, tol, "abs")
+        if on_backward is not None:
+            on_backward(result._replace(rel_residual=result.abs_residual))
+        return result.z * scale
 
-        return tf.identity(z), grad
-
-    return attach(z_out)
-
-
-class _SecondOrderOnlyWarning(logging.Filter):
-    """Drops TensorFlow's load-time warning about the refusal below.
-
-    A SavedModel saves the implicit gradient (a model's exported `serve`
-    is differentiated exactly as the live model), but not the custom
-    gradient inside that gradient function, `_first_order`'s refusal of
-    second-order gradients: TensorFlow does not save gradients of gradient
-    functions, and a refusal could not be traced anyway. Loading then warns
-    that a gradient "will likely fail" for each `internal_grad_fn` holding
-    it, which reads as if first-order gradients were broken. Only a
-    gradient of the gradient fails (refused, as in the live model), so the
-    warning about gradient functions says nothing a user can act on; any
-    other function's warning passes.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            str(record.msg).startswith(
-                "Importing a function (%s) with ops with unsaved custom "
-                "gradients"
-            )
-            and bool(record.args)
-            and "internal_grad_fn" in str(record.args[0])
-        )
-
-
-# TensorFlow's SavedModel loader logs through absl's logger.
-logging.getLogger("absl").addFilter(_SecondOrderOnlyWarning())
-
-
-@tf.custom_gradient
-def _first_order(u, anchor):
-    """u, whose own gradient is refused.
-
-    u depends on θ and the inputs through z* and J_f(z*), but the backward
-    solve is computed unrecorded, so an outer tape would see a constant and
-    return plausible, wrong second derivatives. `anchor` (f(z*), which the
-    tapes did record) ties u to θ and the inputs, so that any gradient of u
-    reaches this function and is refused.
-    """
-
-    def grad(_):
-        raise ValueError(
-            'DEQLayer(gradient="implicit") gives first-order gradients only; '
-            "a gradient of its gradient (a Hessian-vector product, a "
-            "gradient penalty on the inputs) is not computed. Use "
-            'gradient="unrolled" (backpropagation through the iterations, '
-            'exact for that computation) or gradient="phantom" (exact '
-            "derivatives of its damped steps from a fixed z*)."
-        )
-
-    return tf.identity(u), grad
+    return _backend.attach_backward(z_out, vjp, backward)
 
 
 def phantom(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z_star: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z_star: Tensor,
     steps: int = 1,
     tau: float = 1.0,
-) -> tf.Tensor:
+) -> Tensor:
     """Returns `steps` damped steps z ← τ f(z) + (1 − τ) z from z*.
 
     Backpropagation runs through these steps only (no linear solve), which
@@ -442,8 +375,8 @@ def phantom(
 
 
 def unrolled(
-    f: Callable[[tf.Tensor], tf.Tensor], z0: tf.Tensor, steps: int
-) -> tuple[tf.Tensor, tf.Tensor]:
+    f: Callable[[Tensor], Tensor], z0: Tensor, steps: int
+) -> tuple[Tensor, Tensor]:
     """Applies f `steps` times from z0, differentiably through every step.
 
     Memory grows with `steps`: this is for pretraining, short unrolls (the
@@ -459,10 +392,10 @@ def unrolled(
         `(z_steps, z_{steps-1})`: the last state and the one before it (so
         that ‖z_steps − z_{steps−1}‖ is the residual of the latter).
 
-    Inside a `tf.function` the steps run in a `tf.while_loop`, so f is
-    traced once rather than `steps` times: on the MDEQ (7 steps) the first
-    training step, which traces, takes a fraction of the time it takes with
-    the steps written out.
+    Inside a traced function the steps run in one loop (a `tf.while_loop`,
+    a `lax.fori_loop`), so f is traced once rather than `steps` times: on
+    the MDEQ (7 steps) the first training step, which traces, takes a
+    fraction of the time it takes with the steps written out.
 
     Examples:
 
@@ -477,18 +410,7 @@ def unrolled(
         >>> float(z[0, 0]), float(before[0, 0]), float(dz_dx[0, 0])
         (1.75, 1.5, 1.75)
     """
-    if tf.executing_eagerly() or steps == 1:
-        previous = z = z0
-        for _ in range(steps):
-            previous, z = z, f(z)
-        return z, previous
-
-    # `maximum_iterations` counts the steps (and bounds the loop for XLA's
-    # gradient), so the loop carries no counter of its own.
-    previous, z = tf.while_loop(
-        lambda previous, z: True,
-        lambda previous, z: (z, f(z)),
-        (z0, z0),
-        maximum_iterations=steps,
+    previous, z = _backend.repeat(
+        lambda state: (state[1], f(state[1])), (z0, z0), steps
     )
     return z, previous

@@ -3,15 +3,14 @@
 from collections.abc import Callable
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq import backend as _backend
 from keras_deq import jacobian
+from keras_deq.backend import Tensor
 from keras_deq.utils import validation
 from keras_deq.utils.metrics import MeasuredMean
 from keras_deq.utils.seeds import SavedSeedState
-
-_backend.require_tensorflow(__name__)
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -89,7 +88,9 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
 
     @property
     def metrics(self):
-        return [] if self.reported_by_owner else [self.metric]
+        if self.reported_by_owner or not _backend.LAYER_METRICS:
+            return []
+        return [self.metric]
 
     def may_be_on(self) -> bool:
         """Whether a training step can compute the penalty.
@@ -102,11 +103,7 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
         if self.steered:
             return True
         # The variables' current values, also while a step is traced.
-        with tf.init_scope():
-            weight, freq = (
-                float(keras.ops.convert_to_numpy(v))
-                for v in (self.weight, self.freq)
-            )
+        weight, freq = map(_backend.current_value, (self.weight, self.freq))
         return weight > 0 and freq > 0
 
     def _variable(self, name, value):
@@ -119,9 +116,7 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
             name=name,
         )
 
-    def loss(
-        self, f: Callable[[tf.Tensor], tf.Tensor], z_star: tf.Tensor
-    ) -> tf.Tensor:
+    def loss(self, f: Callable[[Tensor], Tensor], z_star: Tensor) -> Tensor:
         """The penalty at `z_star` for this step (0 when the gate is off).
 
         Args:
@@ -133,24 +128,32 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
             to the variables of f.
         """
         dtype = z_star.dtype
-        gamma = tf.cast(self.weight, dtype)
+        gamma = ops.cast(self.weight, dtype)
         draw = keras.random.uniform(
             (), dtype="float32", seed=self.seed_generator
         )
-        gate = tf.logical_and(draw < self.freq, gamma > 0)
+        gate = ops.logical_and(draw < self.freq, gamma > 0)
+        # The probes' seed is drawn here, outside the branch: a generator
+        # advanced inside a `cond` would leave its new state in the branch
+        # (on JAX, a value of the branch's trace).
+        probe_seed = keras.random.randint(
+            (), 0, 2**31 - 1, dtype="int32", seed=self.seed_generator
+        )
 
         def penalty():
             estimate = jacobian.frobenius_estimate(
-                f, z_star, self.num_samples, seed=self.seed_generator
+                f, z_star, self.num_samples, seed=probe_seed
             )
             # An empty batch adds 0, not the NaN of an empty mean.
-            size = tf.cast(tf.size(estimate), dtype)
-            return gamma * tf.math.divide_no_nan(tf.reduce_sum(estimate), size)
+            size = ops.cast(ops.size(estimate), dtype)
+            return gamma * ops.divide_no_nan(ops.sum(estimate), size)
 
-        value = tf.cond(gate, penalty, lambda: tf.zeros((), dtype))
-        self.metric.update_state(
-            tf.cast(value, tf.float32), sample_weight=tf.cast(gate, tf.float32)
-        )
+        value = ops.cond(gate, penalty, lambda: ops.zeros((), dtype))
+        if _backend.LAYER_METRICS:
+            self.metric.update_state(
+                ops.cast(value, "float32"),
+                sample_weight=ops.cast(gate, "float32"),
+            )
         return value
 
     def settings(self) -> dict:
@@ -174,12 +177,12 @@ class JacobianPenalty(SavedSeedState, keras.layers.Layer):
 
 
 def fixed_point_correction(
-    f: Callable[[tf.Tensor], tf.Tensor],
-    z0: tf.Tensor,
-    z_star: tf.Tensor,
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    z_star: Tensor,
     num_states: int = 3,
     decay: float = 0.8,
-) -> tf.Tensor:
+) -> Tensor:
     """How far one step of f from each early iterate lands from z*.
 
     The iterates are the plain iteration's from the first one,
@@ -229,19 +232,19 @@ def fixed_point_correction(
     validation.check_int("correction_states", num_states, 1)
     validation.check_range("correction_decay", decay, 0, 1, low_open=True)
     dtype = z_star.dtype
-    scale = tf.stop_gradient(tf.reduce_sum(tf.square(z_star), axis=-1))
+    scale = ops.stop_gradient(ops.sum(ops.square(z_star), axis=-1))
     scale += 1e-12
     weights = [decay ** (num_states - 1 - k) for k in range(num_states)]
     total = sum(weights)
-    z = tf.stop_gradient(tf.cast(z0, dtype))
-    value = tf.zeros((), dtype)
+    z = ops.stop_gradient(ops.cast(z0, dtype))
+    value = ops.zeros((), dtype)
     for k, weight in enumerate(weights):
         step = f(z)
-        distance = tf.reduce_sum(tf.square(step - z_star), axis=-1) / scale
+        distance = ops.sum(ops.square(step - z_star), axis=-1) / scale
         # An empty batch adds 0, not the NaN of an empty mean.
-        size = tf.cast(tf.size(distance), dtype)
-        mean = tf.math.divide_no_nan(tf.reduce_sum(distance), size)
+        size = ops.cast(ops.size(distance), dtype)
+        mean = ops.divide_no_nan(ops.sum(distance), size)
         value += (weight / total) * mean
         if k + 1 < num_states:
-            z = tf.stop_gradient(step)
+            z = ops.stop_gradient(step)
     return value

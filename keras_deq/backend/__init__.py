@@ -13,7 +13,19 @@ module with the same functions:
 - `linearize(f, z)`: `(f(z), vjp)`, vector-Jacobian products of one
   evaluation of f;
 - `normal(shape, dtype, seed, index)`: the Jacobian estimates' Gaussian
-  probes from an int seed, a `keras.random.SeedGenerator` or `None`.
+  probes from an int seed, a `keras.random.SeedGenerator` or `None`;
+- `unrecorded()`: a context that keeps the forward solve off every tape;
+- `loops_run_op_by_op()` and `function(fn)`: whether an eager loop would
+  run op by op here, and the compiled function to run it in instead;
+- `current_value(variable)`: a scalar variable's value while a step is
+  traced;
+- `output_spec(fn, *args)`: KerasTensors of `fn`'s outputs;
+- `repeat(step, init, steps)`: `steps` differentiable applications of
+  `step`, traced once;
+- `attach_backward(z, residuals, backward)`: `z` with the custom gradient
+  `backward(residuals, g)`, which refuses second-order gradients;
+- `LAYER_METRICS`: whether a layer can record metrics of its own (its
+  NFE and residuals) in `call` and in that gradient.
 """
 
 import keras
@@ -33,7 +45,13 @@ else:
     )
 
 # What runs on every supported backend so far; the rest needs TensorFlow.
-PORTABLE = ("keras_deq.solvers", "keras_deq.jacobian")
+PORTABLE = (
+    "keras_deq.solvers",
+    "keras_deq.jacobian",
+    "keras_deq.gradients",
+    "keras_deq.regularizers",
+    "keras_deq.layers",
+)
 
 
 def require_tensorflow(module: str) -> None:
@@ -52,23 +70,39 @@ def require_tensorflow(module: str) -> None:
 
 
 Tensor = _impl.Tensor
+LAYER_METRICS = _impl.LAYER_METRICS
 new_history = _impl.new_history
 write_history = _impl.write_history
 fix_shape = _impl.fix_shape
 cholesky_solve = _impl.cholesky_solve
 linearize = _impl.linearize
 normal = _impl.normal
+unrecorded = _impl.unrecorded
+loops_run_op_by_op = _impl.loops_run_op_by_op
+function = _impl.function
+current_value = _impl.current_value
+output_spec = _impl.output_spec
+repeat = _impl.repeat
+attach_backward = _impl.attach_backward
 
 __all__ = [
     "BACKEND",
+    "LAYER_METRICS",
     "SUPPORTED",
     "Tensor",
     "PORTABLE",
+    "attach_backward",
     "cholesky_solve",
+    "current_value",
     "fix_shape",
+    "function",
     "linearize",
+    "loops_run_op_by_op",
     "new_history",
     "normal",
+    "output_spec",
+    "repeat",
     "require_tensorflow",
+    "unrecorded",
     "write_history",
 ]

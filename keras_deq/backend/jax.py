@@ -4,12 +4,22 @@ Histories are written with `lax.dynamic_update_slice`, which XLA performs
 in place on a loop-carried buffer that nothing reads afterwards.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import keras
 from jax.scipy.linalg import cho_solve
+from keras.src.backend import compute_output_spec
+
+from keras_deq.backend._common import SECOND_ORDER_REFUSED
 
 Tensor = jax.Array
+
+# Inside a training step Keras' JAX trainer gives a layer the values of its
+# weights only, not of the metrics it owns, and a `custom_vjp` backward
+# returns cotangents only: a layer's statistics cannot be recorded yet.
+LAYER_METRICS = False
 
 
 def new_history(z0: Tensor, count: int, slots: int) -> Tensor:
@@ -35,8 +45,12 @@ def write_history(
 
 
 def fix_shape(x: Tensor, shape) -> Tensor:
-    """`x`, whose shape JAX already knows statically; checks it."""
-    if tuple(x.shape) != tuple(shape):
+    """`x`, whose shape JAX already knows statically; checks it against
+    `shape` (`None` matches any size)."""
+    if len(x.shape) != len(shape) or any(
+        want is not None and have != want
+        for have, want in zip(x.shape, shape, strict=True)
+    ):
         raise ValueError(
             f"Expected a tensor of shape {tuple(shape)}. Received: "
             f"shape={tuple(x.shape)}"
@@ -49,15 +63,20 @@ def cholesky_solve(h: Tensor, rhs: Tensor) -> Tensor:
     return cho_solve((jnp.linalg.cholesky(h), True), rhs)
 
 
+def _first_cotangent(pullback, u):
+    return pullback(u)[0]
+
+
 def linearize(f, z: Tensor):
     """`(f(z), vjp)` from one evaluation (`jax.vjp`); the products are
-    differentiable by JAX's transformations."""
+    differentiable by JAX's transformations.
+
+    `vjp` is a `jax.tree_util.Partial`, a pytree of the evaluation's
+    residuals, so that it can be handed to a custom gradient explicitly
+    (`attach_backward`) rather than closed over.
+    """
     fz, pullback = jax.vjp(f, z)
-
-    def vjp(u):
-        return pullback(u)[0]
-
-    return fz, vjp
+    return fz, jax.tree_util.Partial(_first_cotangent, pullback)
 
 
 def normal(shape, dtype, seed, index: int) -> Tensor:
@@ -81,3 +100,81 @@ def normal(shape, dtype, seed, index: int) -> Tensor:
         "keras.random.SeedGenerator or None. "
         f"Received: seed={seed!r} of type {type(seed).__name__}"
     )
+
+
+def unrecorded():
+    """Nothing to enter: JAX records no tape. The solve's outputs are held
+    constant with `stop_gradient`, so no gradient enters its loop."""
+    return contextlib.nullcontext()
+
+
+def loops_run_op_by_op() -> bool:
+    """Never: `lax.while_loop` compiles its body, also eagerly."""
+    return False
+
+
+def function(fn):
+    """`fn` as it is (see `loops_run_op_by_op`)."""
+    return fn
+
+
+def current_value(variable) -> float:
+    """A scalar variable's value as last stored, also while a step is
+    traced (where `variable.value` is the step's tracer)."""
+    return float(keras.ops.convert_to_numpy(variable._value))
+
+
+def output_spec(fn, *args):
+    """KerasTensors of `fn`'s outputs for KerasTensor `args`."""
+    return compute_output_spec(fn, *args)
+
+
+def repeat(step, init, steps: int):
+    """`step` applied `steps` times from `init`, differentiably: a
+    `lax.fori_loop` with static bounds (a scan), traced once."""
+    if steps == 1:
+        return step(init)
+    return jax.lax.fori_loop(0, steps, lambda _, state: step(state), init)
+
+
+def attach_backward(z, residuals, backward):
+    """`z`, whose incoming gradient g is replaced by `backward(residuals, g)`.
+
+    JAX refuses to differentiate a `custom_vjp` with respect to values its
+    rule closes over, so the backward's inputs (the vector-Jacobian
+    products' residuals, which depend on the weights being differentiated)
+    go in explicitly, as `residuals`, with zero cotangents: the gradient
+    reaches the weights through `z`, one evaluation of f. The result
+    refuses gradients of its own, as on TensorFlow.
+    """
+
+    @jax.custom_vjp
+    def attach(z, residuals):
+        return z
+
+    def forward(z, residuals):
+        return z, residuals
+
+    def grad(residuals, g):
+        u = _first_order(backward(residuals, g).astype(g.dtype))
+        return u, None
+
+    attach.defvjp(forward, grad)
+    return attach(z, residuals)
+
+
+@jax.custom_vjp
+def _first_order(u):
+    """u, whose own gradient is refused (see the TensorFlow module)."""
+    return u
+
+
+def _first_order_forward(u):
+    return u, None
+
+
+def _first_order_grad(_, g):
+    raise ValueError(SECOND_ORDER_REFUSED)
+
+
+_first_order.defvjp(_first_order_forward, _first_order_grad)

@@ -18,12 +18,21 @@ write is a dynamic-update-slice, which XLA performs in place when nothing
 reads the old buffer afterwards; eagerly it is `tensor_scatter_nd_update`.
 """
 
+import logging
+
 import keras
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
+from tensorflow.python.eager import record
 from tensorflow.python.ops import control_flow_util
 
+from keras_deq.backend._common import SECOND_ORDER_REFUSED
+
 Tensor = tf.Tensor
+
+# Layers may update metrics in `call` and in gradient functions (the
+# backward solve's statistics).
+LAYER_METRICS = True
 
 
 def _mode() -> str:
@@ -156,3 +165,136 @@ def normal(shape, dtype, seed, index: int) -> tf.Tensor:
         "keras.random.SeedGenerator or None. "
         f"Received: seed={seed!r} of type {type(seed).__name__}"
     )
+
+
+def unrecorded():
+    """A context in which no tape records (persistent and nested ones
+    included): the scope `tf.recompute_grad` uses for the same purpose.
+
+    The forward solve runs in it, since its in-place histories have no
+    gradient and the gradient of z* is the backward's, never the
+    iterations'.
+    """
+    return record.stop_recording()
+
+
+def loops_run_op_by_op() -> bool:
+    """Whether a `while_loop` here would run op by op (eagerly), so that a
+    solve should go through a compiled function (`function`)."""
+    return tf.executing_eagerly()
+
+
+def function(fn):
+    """`fn` compiled for eager calls: a `tf.function`."""
+    return tf.function(fn, reduce_retracing=True)
+
+
+def current_value(variable) -> float:
+    """A scalar variable's value now, also while a step is traced."""
+    with tf.init_scope():
+        return float(keras.ops.convert_to_numpy(variable))
+
+
+def output_spec(fn, *args):
+    """KerasTensors of `fn`'s outputs for KerasTensor `args`, from a
+    trace (which lets `fn` use TensorFlow ops)."""
+    specs = keras.tree.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype), args
+    )
+    outputs = (
+        tf.function(fn, autograph=False)
+        .get_concrete_function(*specs)
+        .structured_outputs
+    )
+    return keras.tree.map_structure(
+        lambda t: keras.KerasTensor(tuple(t.shape), dtype=t.dtype.name),
+        outputs,
+    )
+
+
+def repeat(step, init, steps: int):
+    """`step` applied `steps` times from `init`, differentiably.
+
+    Inside a `tf.function` the steps run in a `tf.while_loop`, so `step` is
+    traced once rather than `steps` times; `maximum_iterations` bounds the
+    loop for XLA's gradient, so the loop carries no counter of its own.
+    """
+    if tf.executing_eagerly() or steps == 1:
+        state = init
+        for _ in range(steps):
+            state = step(state)
+        return state
+    return tf.while_loop(
+        lambda *state: True,
+        lambda *state: step(state),
+        init,
+        maximum_iterations=steps,
+    )
+
+
+def attach_backward(z, residuals, backward):
+    """`z`, whose incoming gradient g is replaced by `backward(residuals, g)`.
+
+    The backward runs unrecorded (even under an outer, persistent or nested
+    tape), and its result refuses gradients of its own: see `_first_order`.
+    `residuals` is what the backward reads (a nest of tensors); here it may
+    also be closed over.
+    """
+
+    @tf.custom_gradient
+    def attach(z):
+        def grad(g):
+            with record.stop_recording():
+                u = backward(residuals, g)
+            return _first_order(tf.cast(u, z.dtype), z)
+
+        return tf.identity(z), grad
+
+    return attach(z)
+
+
+@tf.custom_gradient
+def _first_order(u, anchor):
+    """u, whose own gradient is refused.
+
+    u depends on θ and the inputs through z* and J_f(z*), but the backward
+    solve is computed unrecorded, so an outer tape would see a constant and
+    return plausible, wrong second derivatives. `anchor` (f(z*), which the
+    tapes did record) ties u to θ and the inputs, so that any gradient of u
+    reaches this function and is refused.
+    """
+
+    def grad(_):
+        raise ValueError(SECOND_ORDER_REFUSED)
+
+    return tf.identity(u), grad
+
+
+class _SecondOrderOnlyWarning(logging.Filter):
+    """Drops TensorFlow's load-time warning about the refusal above.
+
+    A SavedModel saves the implicit gradient (a model's exported `serve`
+    is differentiated exactly as the live model), but not the custom
+    gradient inside that gradient function, `_first_order`'s refusal of
+    second-order gradients: TensorFlow does not save gradients of gradient
+    functions, and a refusal could not be traced anyway. Loading then warns
+    that a gradient "will likely fail" for each `internal_grad_fn` holding
+    it, which reads as if first-order gradients were broken. Only a
+    gradient of the gradient fails (refused, as in the live model), so the
+    warning about gradient functions says nothing a user can act on; any
+    other function's warning passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith(
+                "Importing a function (%s) with ops with unsaved custom "
+                "gradients"
+            )
+            and bool(record.args)
+            and "internal_grad_fn" in str(record.args[0])
+        )
+
+
+# TensorFlow's SavedModel loader logs through absl's logger.
+logging.getLogger("absl").addFilter(_SecondOrderOnlyWarning())

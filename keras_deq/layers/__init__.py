@@ -1,6 +1,5 @@
 """Keras layers: the DEQ layer and the pieces DEQ blocks are built from."""
 
-from keras_deq import backend as _backend
 from keras_deq.layers.deq_layer import DEQLayer
 from keras_deq.layers.group_norm import GroupNorm
 from keras_deq.layers.noise import PerSolveNoise
@@ -8,8 +7,6 @@ from keras_deq.layers.spectral_norm import SpectralNormBound
 from keras_deq.layers.spectral_norm import apply_spectral_norm
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
-
-_backend.require_tensorflow(__name__)
 
 __all__ = [
     "DEQLayer",

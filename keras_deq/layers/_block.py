@@ -4,7 +4,6 @@ one evaluation."""
 import inspect
 
 import keras
-import tensorflow as tf
 
 
 def takes_one_tensor(block):
@@ -30,7 +29,7 @@ def takes_one_tensor(block):
 
 
 def keras_tensors(specs):
-    return tf.nest.map_structure(
+    return keras.tree.map_structure(
         lambda spec: keras.KerasTensor(spec.shape, dtype=spec.dtype), specs
     )
 
@@ -42,38 +41,55 @@ def paths(nest):
 
 
 def shape(tensor):
-    return tuple(tf.TensorShape(tensor.shape).as_list())
+    """The static shape, `None` for unknown sizes."""
+    return tuple(None if d is None else int(d) for d in tensor.shape)
+
+
+def compatible(a, b) -> bool:
+    """Whether two static shapes can be the same (`None` fits any size)."""
+    return len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b, strict=True)
+    )
+
+
+def dtype_name(tensor) -> str:
+    return keras.backend.standardize_dtype(tensor.dtype)
+
+
+def same_structure(a, b) -> bool:
+    try:
+        keras.tree.assert_same_structure(a, b)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def describe(nest):
-    return str(tf.nest.map_structure(lambda t: f"<{list(shape(t))}>", nest))
+    return str(keras.tree.map_structure(lambda t: f"<{list(shape(t))}>", nest))
 
 
 def check_block_output(z0, z1):
-    try:
-        tf.nest.assert_same_structure(z0, z1)
-    except (ValueError, TypeError):
+    if not same_structure(z0, z1):
         raise ValueError(
             "The block must return a state with the structure of its "
             f"input state. State: {describe(z0)}. Block output: "
             f"{describe(z1)}."
-        ) from None
+        )
     for path, a, b in zip(
-        paths(z0), tf.nest.flatten(z0), tf.nest.flatten(z1), strict=True
+        paths(z0), keras.tree.flatten(z0), keras.tree.flatten(z1), strict=True
     ):
         where = f" at {path}" if path else ""
-        if tf.as_dtype(a.dtype) != tf.as_dtype(b.dtype):
+        if dtype_name(a) != dtype_name(b):
             # A block that rounds the state to a narrower dtype limits
             # the solve to that precision; a wider one changes it.
             raise ValueError(
                 f"The block must return a state with the dtype of its "
                 f"input state{where}. State dtype: "
-                f"{tf.as_dtype(a.dtype).name}, block output dtype: "
-                f"{tf.as_dtype(b.dtype).name}. Cast the block's output "
+                f"{dtype_name(a)}, block output dtype: "
+                f"{dtype_name(b)}. Cast the block's output "
                 "to the state's dtype (the block's compute dtype)."
             )
-        a_shape, b_shape = tf.TensorShape(a.shape), tf.TensorShape(b.shape)
-        if not a_shape[1:].is_compatible_with(b_shape[1:]):
+        if not compatible(shape(a)[1:], shape(b)[1:]):
             raise ValueError(
                 f"The block must return a state with the shape of its "
                 f"input state{where}. State shape: {shape(a)}, block "
@@ -99,7 +115,7 @@ def check_no_batch_statistics(block):
 def check_sample_axes(sample_axes, state_spec):
     if sample_axes == 1:
         return
-    shapes = [tuple(s.shape) for s in tf.nest.flatten(state_spec)]
+    shapes = [tuple(s.shape) for s in keras.tree.flatten(state_spec)]
     leading = {shape[:sample_axes] for shape in shapes}
     if any(len(shape) <= sample_axes for shape in shapes) or (len(leading) > 1):
         raise ValueError(
@@ -117,54 +133,48 @@ class BlockState:
         if hasattr(self.block, "initial_state"):
             z0 = self.block.initial_state(x)
         else:
-            z0 = tf.nest.map_structure(tf.zeros_like, x)
+            z0 = keras.tree.map_structure(keras.ops.zeros_like, x)
         dtype = self.block.compute_dtype
-        return tf.nest.map_structure(lambda t: tf.cast(t, dtype), z0)
+        return keras.tree.map_structure(lambda t: keras.ops.cast(t, dtype), z0)
 
     def _given_state(self, initial_state, x):
         """`initial_state`, checked against the state and cast, no gradient."""
-        try:
-            tf.nest.assert_same_structure(self._state_spec, initial_state)
-        except (ValueError, TypeError):
+        if not same_structure(self._state_spec, initial_state):
             raise ValueError(
                 "`initial_state` must have the structure of the state. "
                 f"State: {describe(self._state_spec)}. Received: "
                 f"initial_state={describe(initial_state)}."
-            ) from None
-        batch = tf.nest.flatten(x)[0].shape[0]
+            )
+        batch = shape(keras.tree.flatten(x)[0])[0]
         dtype = self.block.compute_dtype
         given = []
         for path, spec, t in zip(
             paths(self._state_spec),
-            tf.nest.flatten(self._state_spec),
-            tf.nest.flatten(initial_state),
+            keras.tree.flatten(self._state_spec),
+            keras.tree.flatten(initial_state),
             strict=True,
         ):
-            t = tf.convert_to_tensor(t)
-            expected = tf.TensorShape([batch]).concatenate(spec.shape[1:])
-            if not t.shape.is_compatible_with(expected):
+            t = keras.ops.convert_to_tensor(t)
+            expected = (batch, *shape(spec)[1:])
+            if not compatible(shape(t), expected):
                 where = f" at {path}" if path else ""
                 raise ValueError(
                     f"`initial_state`{where} must have the state's shape "
-                    f"{tuple(expected.as_list())} (batch first). Received "
+                    f"{expected} (batch first). Received "
                     f"shape {shape(t)}."
                 )
-            given.append(tf.stop_gradient(tf.cast(t, dtype)))
-        return tf.nest.pack_sequence_as(self._state_spec, given)
+            given.append(keras.ops.stop_gradient(keras.ops.cast(t, dtype)))
+        return keras.tree.pack_sequence_as(self._state_spec, given)
 
     def _apply_block(self, z, x, training):
         if not self._injected:
             return self.block(z, x, training=training)
-        try:
-            tf.nest.assert_same_structure(z, x)
-            same = all(
-                tf.TensorShape(a.shape).is_compatible_with(b.shape)
-                for a, b in zip(
-                    tf.nest.flatten(z), tf.nest.flatten(x), strict=True
-                )
+        same = same_structure(z, x) and all(
+            compatible(shape(a), shape(b))
+            for a, b in zip(
+                keras.tree.flatten(z), keras.tree.flatten(x), strict=True
             )
-        except (ValueError, TypeError):
-            same = False
+        )
         if not same:
             raise ValueError(
                 f"The block {self.block.name!r} takes one tensor, so it is "
@@ -176,7 +186,7 @@ class BlockState:
         # The input joins the state in the state's dtype, as a Keras layer
         # casts its inputs to its compute dtype: an integer input, or a
         # float16 one from a mixed-precision DEQLayer around a float32 block.
-        injected = tf.nest.map_structure(
+        injected = keras.tree.map_structure(
             lambda a, b: a + keras.ops.cast(b, a.dtype), z, x
         )
         return self.block(injected, training=training)

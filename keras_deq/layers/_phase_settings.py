@@ -1,7 +1,6 @@
 """A DEQLayer's settings per phase: training overrides, test-time budget."""
 
 import keras
-import tensorflow as tf
 
 from keras_deq import gradients
 from keras_deq.utils import validation
@@ -146,16 +145,18 @@ def perturbed(state, stddev, seed):
     `seed` is an int (the same draw in every traced call) or a
     `SeedGenerator` (a new draw at every call).
     """
-    leaves = tf.nest.flatten(state)
+    leaves = keras.tree.flatten(state)
     fixed = not isinstance(seed, keras.random.SeedGenerator)
     noisy = [
         leaf
-        + tf.cast(
+        + keras.ops.cast(
             keras.random.normal(
-                tf.shape(leaf), stddev=stddev, seed=seed + i if fixed else seed
+                keras.ops.shape(leaf),
+                stddev=stddev,
+                seed=seed + i if fixed else seed,
             ),
             leaf.dtype,
         )
         for i, leaf in enumerate(leaves)
     ]
-    return tf.nest.pack_sequence_as(state, noisy)
+    return keras.tree.pack_sequence_as(state, noisy)

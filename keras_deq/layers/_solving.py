@@ -3,19 +3,20 @@
 import contextlib
 import weakref
 
-import tensorflow as tf
-from tensorflow.python.eager import record
+import keras
 
+from keras_deq import backend as _backend
 from keras_deq import jacobian
 from keras_deq import solvers
 from keras_deq.layers.noise import noisy_layers
 from keras_deq.utils.state import StateFlattener
 
-# Eager calls run the forward solve through a `tf.function` (an eager
-# `tf.while_loop` would run op by op), one per layer and solver settings, so
-# that settings changed after a call take effect. Kept outside the layer so
-# that SavedModel export does not try to save it; the functions reach the
-# layer through a weak reference only, so the cache never keeps it alive.
+# Eager calls on a backend whose eager loops run op by op (TensorFlow) run
+# the forward solve through a compiled function, one per layer and solver
+# settings, so that settings changed after a call take effect. Kept outside
+# the layer so that SavedModel export does not try to save it; the functions
+# reach the layer through a weak reference only, so the cache never keeps it
+# alive.
 _EAGER_SOLVES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -25,14 +26,14 @@ class Solving:
     @property
     def _solver_dtype(self):
         if self.block.compute_dtype == "float64":
-            return tf.float64
-        return tf.float32
+            return "float64"
+        return "float32"
 
     def _draw_noise(self, x, training):
         """One draw per noisy layer of the block, for this call."""
         if not training:
             return None
-        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        batch = keras.ops.shape(keras.tree.flatten(x)[0])[0]
         draws = [layer.draw_noise(batch) for layer in noisy_layers(self.block)]
         return draws or None
 
@@ -65,7 +66,7 @@ class Solving:
         Rows are solved per `sample_axes`; `nstep` and the residuals stay
         per row.
         """
-        if tf.executing_eagerly():
+        if _backend.loops_run_op_by_op():
             result = self._eager_solve(
                 x, z0, bool(training), noise, max_iter, tol
             )
@@ -106,11 +107,10 @@ class Solving:
 
     def _run_solver(self, f, z0, max_iter, tol):
         solve = solvers.get(self.solver)
-        # No tape may record the solve (persistent and nested ones
-        # included): its in-place histories have no gradient, and the
-        # gradient of z* is the backward's, never the iterations'. This is
-        # the scope `tf.recompute_grad` uses for the same purpose.
-        with record.stop_recording():
+        # No gradient may enter the solve: its in-place histories have
+        # none, and the gradient of z* is the backward's, never the
+        # iterations'.
+        with _backend.unrecorded():
             result = solve(
                 f,
                 z0,
@@ -119,8 +119,8 @@ class Solving:
                 self.stop_mode,
                 **self.solver_options,
             )
-        return tf.nest.map_structure(
-            lambda t: None if t is None else tf.stop_gradient(t), result
+        return keras.tree.map_structure(
+            lambda t: None if t is None else keras.ops.stop_gradient(t), result
         )
 
     def _row_maps(self, z0):
@@ -157,14 +157,14 @@ class Solving:
                     x, z0, training, noise, max_iter, tol
                 )
 
-            functions[settings] = tf.function(solve, reduce_retracing=True)
+            functions[settings] = _backend.function(solve)
         # A variable given as the input would be captured by reference in
         # the trace, which then fails once that variable is deleted; the
         # solve needs its value only.
-        x = tf.nest.map_structure(tf.convert_to_tensor, x)
+        x = keras.tree.map_structure(keras.ops.copy, x)
         return functions[settings](x, z0, training, noise)
 
-    def spectral_radius(self, x, num_iters: int = 50) -> tf.Tensor:
+    def spectral_radius(self, x, num_iters: int = 50):
         """Power-method estimate of ρ(J_f(z*)) at the equilibrium of `x`.
 
         Solves the forward problem for `x` (in inference mode) and runs
@@ -178,11 +178,11 @@ class Solving:
         Returns:
             `[B]` estimates, in the solver's dtype (float32 or float64).
         """
-        x = tf.nest.map_structure(
-            lambda t: tf.convert_to_tensor(t, self.compute_dtype), x
+        x = keras.tree.map_structure(
+            lambda t: keras.ops.convert_to_tensor(t, self.compute_dtype), x
         )
         if not self.built:
-            self.build(tf.nest.map_structure(lambda t: t.shape, x))
+            self.build(keras.tree.map_structure(lambda t: t.shape, x))
         z0 = self._initial_state(x)
         # Whole samples, also when the solve ran per position.
         result = self._solve_per_sample(

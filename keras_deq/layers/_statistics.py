@@ -1,7 +1,8 @@
 """What a DEQLayer logs: its NFE, residuals and losses, per phase."""
 
-import tensorflow as tf
+from keras import ops
 
+from keras_deq import backend as _backend
 from keras_deq import gradients
 from keras_deq.utils.metrics import MeasuredMean
 from keras_deq.utils.metrics import StatisticsReport
@@ -39,7 +40,7 @@ class Statistics:
     def metrics(self):
         # The statistics go through one report, which logs those that the
         # call being traced (or run) can measure; see `_shown_statistics`.
-        own = [self._statistics_report]
+        own = [self._statistics_report] if _backend.LAYER_METRICS else []
         return own + [
             metric
             for layer in self._layers
@@ -62,14 +63,16 @@ class Statistics:
             shown.append(self.correction_loss)
         return shown
 
+    def _record(self, metric, values):
+        """Adds `values` to `metric`, where the backend lets a layer record
+        metrics of its own (`keras_deq.backend.LAYER_METRICS`)."""
+        if _backend.LAYER_METRICS:
+            metric.update_state(ops.cast(values, "float32"))
+
     def _record_backward(self, result):
-        self.backward_nfe.update_state(tf.cast(result.nstep, tf.float32))
-        self.backward_residual.update_state(
-            tf.cast(result.rel_residual, tf.float32)
-        )
+        self._record(self.backward_nfe, result.nstep)
+        self._record(self.backward_residual, result.rel_residual)
 
     def _record_forward(self, result):
-        self.forward_nfe.update_state(tf.cast(result.nstep, tf.float32))
-        self.forward_residual.update_state(
-            tf.cast(result.rel_residual, tf.float32)
-        )
+        self._record(self.forward_nfe, result.nstep)
+        self._record(self.forward_residual, result.rel_residual)

@@ -3,8 +3,8 @@
 import functools
 
 import keras
-import tensorflow as tf
 
+from keras_deq import backend as _backend
 from keras_deq import gradients
 from keras_deq import solvers
 from keras_deq.layers import _block
@@ -309,17 +309,16 @@ class DEQLayer(
 
     def build(self, x_shape):
         x_spec = keras.tree.map_shape_structure(
-            lambda shape: tf.TensorSpec(shape, self.compute_dtype), x_shape
+            lambda shape: keras.KerasTensor(shape, self.compute_dtype), x_shape
         )
         # The state's structure and shapes, from a trace of `initial_state`
-        # (which may use TensorFlow ops, so it cannot take KerasTensors).
-        z0 = (
-            tf.function(self._initial_state, autograph=False)
-            .get_concrete_function(x_spec)
-            .structured_outputs
-        )
-        self._state_spec = tf.nest.map_structure(
-            lambda t: tf.TensorSpec(t.shape, t.dtype), z0
+        # (which may use the backend's own ops).
+        # Set past Keras' attribute tracking, which would make a list state
+        # a `TrackedList`, a structure other than the block's list.
+        object.__setattr__(
+            self,
+            "_state_spec",
+            _backend.output_spec(self._initial_state, x_spec),
         )
         # A symbolic call builds the block the way Keras builds any layer
         # (also under a distribution strategy) and gives its output shapes,
@@ -411,7 +410,9 @@ class DEQLayer(
             # SavedModel serializes it with the forward.
             on_backward=(
                 self._record_backward
-                if training and hasattr(self, "backward_nfe")
+                if training
+                and hasattr(self, "backward_nfe")
+                and _backend.LAYER_METRICS
                 else None
             ),
             **self._row_maps(z0),
@@ -425,7 +426,7 @@ class DEQLayer(
             self.add_loss(block_losses)
         if training:
             penalty = self.jacobian_penalty.loss(f, forward.z)
-            self.add_loss(tf.cast(penalty, self.variable_dtype))
+            self.add_loss(keras.ops.cast(penalty, self.variable_dtype))
             if self.correction_weight > 0:
                 correction = self.correction_weight * fixed_point_correction(
                     f,
@@ -434,17 +435,15 @@ class DEQLayer(
                     self.correction_states,
                     self.correction_decay,
                 )
-                self.correction_loss.update_state(
-                    tf.cast(correction, tf.float32)
-                )
-                self.add_loss(tf.cast(correction, self.variable_dtype))
+                self._record(self.correction_loss, correction)
+                self.add_loss(keras.ops.cast(correction, self.variable_dtype))
             self.block._clear_losses()
         self._record_forward(forward)
         return flattener.unflatten(z)
 
     def compute_output_spec(self, x, training=None, initial_state=None):
-        batch = tf.nest.flatten(x)[0].shape[0]
-        return tf.nest.map_structure(
+        batch = keras.tree.flatten(x)[0].shape[0]
+        return keras.tree.map_structure(
             lambda spec: keras.KerasTensor(
                 (batch,) + tuple(spec.shape[1:]), dtype=spec.dtype
             ),

@@ -1,7 +1,7 @@
 """Group normalization computed in fewer passes than Keras' layer."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -32,29 +32,29 @@ class GroupNorm(keras.layers.GroupNormalization):
         rank = len(inputs.shape)
         if self.axis not in (-1, rank - 1) or rank < 3:
             return super().call(inputs)
-        compute = tf.float64 if inputs.dtype == tf.float64 else tf.float32
-        x = tf.cast(inputs, compute)
-        shape = tf.shape(x)
+        compute = "float64" if inputs.dtype == "float64" else "float32"
+        x = ops.cast(inputs, compute)
+        shape = ops.shape(x)
         channels, groups = x.shape[-1], self.groups
         per_group = channels // groups
-        flat = tf.reshape(x, [shape[0], -1, channels])
-        count = tf.cast(tf.shape(flat)[1] * per_group, compute)
+        flat = ops.reshape(x, (shape[0], -1, channels))
+        count = ops.cast(ops.shape(flat)[1] * per_group, compute)
 
         def group_mean(channel_sums):
             """[B, C] sums → [B, C], each channel its group's mean."""
-            sums = tf.reshape(channel_sums, [-1, groups, per_group])
-            mean = tf.reduce_sum(sums, axis=-1, keepdims=True) / count
-            mean = tf.broadcast_to(mean, tf.shape(sums))
-            return tf.reshape(mean, [-1, channels])
+            sums = ops.reshape(channel_sums, (-1, groups, per_group))
+            mean = ops.sum(sums, axis=-1, keepdims=True) / count
+            mean = ops.broadcast_to(mean, ops.shape(sums))
+            return ops.reshape(mean, (-1, channels))
 
-        mean = group_mean(tf.reduce_sum(flat, axis=1))
-        deviations = tf.math.squared_difference(flat, mean[:, None])
-        variance = group_mean(tf.reduce_sum(deviations, axis=1))
-        scale = tf.math.rsqrt(variance + self.epsilon)
+        mean = group_mean(ops.sum(flat, axis=1))
+        deviations = ops.square(flat - mean[:, None])
+        variance = group_mean(ops.sum(deviations, axis=1))
+        scale = ops.rsqrt(variance + self.epsilon)
         if self.scale:
-            scale = scale * tf.cast(self.gamma, compute)
+            scale = scale * ops.cast(self.gamma, compute)
         shift = -mean * scale
         if self.center:
-            shift = shift + tf.cast(self.beta, compute)
+            shift = shift + ops.cast(self.beta, compute)
         outputs = flat * scale[:, None] + shift[:, None]
-        return tf.cast(tf.reshape(outputs, shape), self.compute_dtype)
+        return ops.cast(ops.reshape(outputs, shape), self.compute_dtype)

@@ -3,7 +3,7 @@
 import contextlib
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.utils import validation
 from keras_deq.utils.seeds import SavedSeedState
@@ -83,11 +83,11 @@ class VariationalDropout(SavedSeedState, keras.layers.Layer):
         """
         if self.rate == 0:
             return None
-        shape = [batch_size] + [1] * (self._rank - 2) + [self._channels]
+        shape = (batch_size, *[1] * (self._rank - 2), self._channels)
         keep = 1.0 - self.rate
         draw = keras.random.uniform(shape, seed=self.seed_generator)
         dtype = self.compute_dtype
-        return tf.cast(draw < keep, dtype) / tf.cast(keep, dtype)
+        return ops.cast(draw < keep, dtype) / ops.cast(keep, dtype)
 
     @contextlib.contextmanager
     def fixed_noise(self, mask):
@@ -103,8 +103,8 @@ class VariationalDropout(SavedSeedState, keras.layers.Layer):
             return inputs
         mask = self._fixed_mask
         if mask is None:
-            mask = self.draw_noise(tf.shape(inputs)[0])
-        return inputs * tf.cast(mask, inputs.dtype)
+            mask = self.draw_noise(ops.shape(inputs)[0])
+        return inputs * ops.cast(mask, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
