@@ -13,7 +13,11 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import pytest  # noqa: E402
 
 # Test modules that import nothing backend-specific and run on any backend.
-ANY_BACKEND_TESTS = ("solvers/test_solvers.py", "test_jacobian.py")
+ANY_BACKEND_TESTS = (
+    "solvers/test_solvers.py",
+    "test_jacobian.py",
+    "layers/test_deq_layer_any_backend.py",
+)
 
 if os.environ["KERAS_BACKEND"] == "tensorflow":
     import tensorflow as tf

@@ -198,7 +198,7 @@ def test_gradients_through_a_loaded_export_match_the_live_model(
 
 
 def test_only_the_gradient_function_warning_is_silenced():
-    from keras_deq.gradients import _SecondOrderOnlyWarning
+    from keras_deq.backend.tensorflow import _SecondOrderOnlyWarning
 
     template = (
         "Importing a function (%s) with ops with unsaved custom gradients. "
@@ -356,20 +356,22 @@ def test_import_under_an_unsupported_backend_says_what_to_do():
     assert "KERAS_BACKEND" in result.stderr
 
 
-def test_under_jax_the_solvers_work_and_the_layer_says_it_needs_tensorflow():
+def test_under_jax_the_layer_works_and_the_models_say_they_need_tensorflow():
     pytest.importorskip("jax")
     result = _run_python(
-        "import numpy as np, keras_deq\n"
-        "z = keras_deq.solvers.broyden(lambda z: 0.5 * z + 1.0, "
-        "np.zeros((1, 2), 'float32'), 30, 1e-6).z\n"
+        "import numpy as np, keras, keras_deq\n"
+        "layer = keras_deq.DEQLayer(keras.layers.Dense(2, use_bias=False, "
+        "kernel_initializer=keras.initializers.Constant(0.25)))\n"
+        "z = layer(np.ones((1, 2), 'float32'))\n"
         "print(np.round(np.asarray(z), 4).tolist())\n"
-        "from keras_deq import DEQLayer",
+        "from keras_deq import models",
         KERAS_BACKEND="jax",
     )
     assert result.returncode != 0
-    # The fixed point of z = z / 2 + 1 is 2.
-    assert result.stdout.strip() == "[[2.0, 2.0]]", result.stdout
-    assert "keras_deq.DEQLayer needs the TensorFlow backend" in result.stderr
+    # z = (z + x) A with A = 1/4 everywhere and x = 1: z = (2z + 2) / 4,
+    # so z = 1.
+    assert result.stdout.strip() == "[[1.0, 1.0]]", result.stdout
+    assert "keras_deq.models needs the TensorFlow backend" in result.stderr
     assert "KERAS_BACKEND=tensorflow" in result.stderr
 
 
