@@ -23,7 +23,9 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
 - `_12`: 12 forward iterations instead of 7;
 - `defaults`: the model's defaults as they are now (`defaults_10`: with
   10 forward iterations; `defaults_phantom5`: with 5 phantom steps;
-  `defaults_implicit`, `defaults_reuse`: with that gradient);
+  `defaults_implicit`, `defaults_reuse`: with that gradient;
+  `defaults_anderson`: with Anderson's solver; `defaults_states5`: the
+  correction over 5 iterates);
 - `previous`: the defaults before 2026-12-06 (one phantom step, λ 1;
   `previous_12`, `previous_20`: with 12 or 20 forward iterations,
   `previous_correction3`: with λ 3; `correction3_nopenalty`,
@@ -121,6 +123,10 @@ LEVERS = {
     # forward Broyden solve's inverse-Jacobian estimate.
     "defaults_implicit": {"gradient": "implicit"},
     "defaults_reuse": {"gradient": "reuse"},
+    # The defaults with Anderson's solver; with the correction over 5
+    # early iterates instead of 3.
+    "defaults_anderson": {"solver": "anderson"},
+    "defaults_states5": {"correction_states": 5},
     # The defaults before 2026-12-06's change (one phantom step, λ = 1),
     # alone, with 12 or 20 forward iterations and with λ = 3.
     "previous": PREVIOUS,
