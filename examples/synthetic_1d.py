@@ -39,7 +39,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -130,7 +129,8 @@ class ReLUBlock(keras.layers.Layer):
         )
 
     def call(self, z, x, training=None):
-        return tf.nn.relu(z @ self.w1 + x @ self.u + self.b) @ self.w2
+        hidden = keras.ops.relu(z @ self.w1 + x @ self.u + self.b)
+        return keras.ops.matmul(hidden, self.w2)
 
     def get_config(self):
         return {**super().get_config(), "hidden": self.hidden}
@@ -155,33 +155,36 @@ def build_model(gamma, hidden=50, train_nfe=6, jac_freq=0.4, seed=0):
 
 def inference_stats(block, x, z_star_solver="broyden"):
     """Steps to relative residual 1e-3 (cap 100) and |∂f/∂z| at z*."""
-    x = tf.constant(x)
+    x = keras.ops.convert_to_tensor(x)
 
     def f(z):
         return block(z, x)
 
-    z0 = tf.zeros_like(x)
+    z0 = keras.ops.zeros_like(x)
     runs = {
         name: keras_deq.solvers.get(name)(f, z0, INFERENCE_CAP, INFERENCE_TOL)
         for name in ("fixed_point", "broyden")
     }
     z_star = runs[z_star_solver].z
-    with tf.GradientTape() as tape:
-        tape.watch(z_star)
-        fz = f(z_star)
-    slope = tape.gradient(fz, z_star)  # samples are independent, z ∈ R
+    # Samples are independent and z ∈ R, so 1ᵀ J_f is each one's ∂f/∂z.
+    _, vjp = keras_deq.jacobian.linearize(f, z_star)
+    slope = numpy(vjp(keras.ops.ones_like(z_star)))
     return {
-        "z_star": z_star.numpy(),
+        "z_star": numpy(z_star),
         "fixed_point_steps": float(np.mean(runs["fixed_point"].nstep)),
         "fixed_point_unconverged": float(
-            np.mean(runs["fixed_point"].rel_residual.numpy() > INFERENCE_TOL)
+            np.mean(numpy(runs["fixed_point"].rel_residual) > INFERENCE_TOL)
         ),
         "broyden_steps": float(np.mean(runs["broyden"].nstep)),
         "broyden_unconverged": float(
-            np.mean(runs["broyden"].rel_residual.numpy() > INFERENCE_TOL)
+            np.mean(numpy(runs["broyden"].rel_residual) > INFERENCE_TOL)
         ),
-        "mean_abs_slope": float(np.mean(np.abs(slope.numpy()))),
+        "mean_abs_slope": float(np.mean(np.abs(slope))),
     }
+
+
+def numpy(tensor):
+    return keras.ops.convert_to_numpy(tensor)
 
 
 def train_one(
@@ -221,7 +224,10 @@ def train_one(
     block = model.get_layer("deq").block
     stats = inference_stats(block, x_val)
     stats["val_mse"] = float(np.mean((stats.pop("z_star") - y_val) ** 2))
-    stats["train_forward_nfe"] = float(history["deq_forward_nfe"][-1])
+    # NaN on JAX, where the layer logs no statistics yet.
+    stats["train_forward_nfe"] = float(
+        history.get("deq_forward_nfe", [float("nan")])[-1]
+    )
     stats["train_loss"] = float(history["loss"][-1])
     return model, history, stats
 
@@ -233,13 +239,19 @@ def _progress(gamma, epochs, every=10):
     def report(epoch, logs):
         if (epoch + 1) % every and epoch + 1 != epochs:
             return
-        # Absent: γ = 0, the penalty is off; NaN: its gate stayed off.
+        # Absent: γ = 0, the penalty is off (or, on JAX, not logged); NaN:
+        # its gate stayed off.
         penalty = logs.get("deq_jac_loss", float("nan"))
-        penalty = "off" if np.isnan(penalty) else f"{penalty:.4f}"
+        if "deq_forward_nfe" not in logs:
+            penalty = "not logged"
+        else:
+            penalty = "off" if np.isnan(penalty) else f"{penalty:.4f}"
+        nan = float("nan")
         print(
             f"  γ = {gamma:g}  epoch {epoch + 1:>3}/{epochs}  loss "
-            f"{logs['loss']:.4f}  forward NFE {logs['deq_forward_nfe']:.2f}  "
-            f"backward NFE {logs['deq_backward_nfe']:.2f}  Jacobian penalty "
+            f"{logs['loss']:.4f}  forward NFE "
+            f"{logs.get('deq_forward_nfe', nan):.2f}  backward NFE "
+            f"{logs.get('deq_backward_nfe', nan):.2f}  Jacobian penalty "
             f"{penalty}",
             flush=True,
         )
@@ -326,11 +338,11 @@ def draw_figure(models, linear_coef, path, slices=SLICES, trace_steps=30):
         top.plot(grid, grid, "k--", lw=1, label="$z_{out} = z$")
         for i, xv in enumerate(slices):
             xs = np.full((len(grid), 1), xv, "float32")
-            fz = block(grid[:, None], xs).numpy()[:, 0]
+            fz = numpy(block(grid[:, None], xs))[:, 0]
             top.plot(grid, fz, color=colors[i], label=f"x = {xv:g}")
             z, trace = np.zeros((1, 1), "float32"), [0.0]
             for _ in range(trace_steps):
-                z = block(z, np.full((1, 1), xv, "float32")).numpy()
+                z = numpy(block(z, np.full((1, 1), xv, "float32")))
                 trace.append(float(z[0, 0]))
             bottom.plot(trace, ".-", color=colors[i], label=f"x = {xv:g}")
             bottom.axhline(z_star[i, 0], color=colors[i], ls=":", lw=1)
