@@ -25,7 +25,8 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
   10 forward iterations; `defaults_phantom5`: with 5 phantom steps;
   `defaults_implicit`, `defaults_reuse`: with that gradient;
   `defaults_anderson`: with Anderson's solver; `defaults_states5`: the
-  correction over 5 iterates);
+  correction over 5 iterates; `defaults_spectral`: without weight
+  normalization, the block's kernels bounded to spectral norm 1);
 - `previous`: the defaults before 2026-12-06 (one phantom step, λ 1;
   `previous_12`, `previous_20`: with 12 or 20 forward iterations,
   `previous_correction3`: with λ 3; `correction3_nopenalty`,
@@ -55,6 +56,7 @@ from benchmarks import timing  # noqa: E402
 from benchmarks.digits import WIDTHS  # noqa: E402
 from benchmarks.digits import digits_images  # noqa: E402
 from keras_deq import diagnostics  # noqa: E402
+from keras_deq.layers import apply_spectral_norm  # noqa: E402
 from keras_deq.models import MDEQClassifier  # noqa: E402
 
 # The model's defaults before they were made an equilibrium model.
@@ -127,6 +129,10 @@ LEVERS = {
     # early iterates instead of 3.
     "defaults_anderson": {"solver": "anderson"},
     "defaults_states5": {"correction_states": 5},
+    # The defaults with the block's kernels bounded to spectral norm 1
+    # (`keras_deq.layers.apply_spectral_norm`), which needs the plain
+    # convolutions, not weight normalization.
+    "defaults_spectral": {"weight_norm": False, "spectral_norm": 1.0},
     # The defaults before 2026-12-06's change (one phantom step, λ = 1),
     # alone, with 12 or 20 forward iterations and with λ = 3.
     "previous": PREVIOUS,
@@ -168,7 +174,11 @@ _STEP_TIMES = flags.DEFINE_integer(
 
 def _compiled(lever, seed):
     keras.utils.set_random_seed(seed)
-    model = MDEQClassifier(10, widths=WIDTHS, seed=seed, **LEVERS[lever])
+    kwargs = dict(LEVERS[lever])
+    max_norm = kwargs.pop("spectral_norm", None)
+    model = MDEQClassifier(10, widths=WIDTHS, seed=seed, **kwargs)
+    if max_norm is not None:
+        apply_spectral_norm(model.deq.block, max_norm)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
