@@ -19,11 +19,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_deq import backend as _backend
 from keras_deq.callbacks import find_deq_layers
 from keras_deq.layers.deq_layer import DEQLayer
-
-_backend.require_tensorflow(__name__)
 
 
 def override_inference(

@@ -83,3 +83,70 @@ def contraction(rng, n, norm):
     s = np.linspace(norm, norm / 3, n)
     q2, _ = np.linalg.qr(rng.normal(size=(n, n)))
     return (q * s) @ q2
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class LinearCell(keras.layers.Layer):
+    """f(z, x) = z A + x: J_f = Aᵀ at every point, z* = x (I − A)⁻¹."""
+
+    def __init__(self, norm=0.5, seed=0, trainable_a=True, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = norm
+        self.seed = seed
+        self.trainable_a = trainable_a
+
+    def build(self, z_shape, x_shape):
+        rng = np.random.default_rng(self.seed)
+        a = contraction(rng, z_shape[-1], self.norm)
+        self.a = self.add_weight(
+            shape=a.shape,
+            initializer=keras.initializers.Constant(a),
+            trainable=self.trainable_a,
+            name="a",
+        )
+
+    def call(self, z, x, training=None):
+        return z @ self.a + x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            norm=self.norm, seed=self.seed, trainable_a=self.trainable_a
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_deq_tests")
+class TanhCell(keras.layers.Layer):
+    """f(z, x) = tanh(z W + x U + b): a contraction when ‖W‖ < 1."""
+
+    def __init__(self, units=6, w_norm=0.6, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.w_norm = w_norm
+        self.seed = seed
+
+    def build(self, z_shape, x_shape):
+        rng = np.random.default_rng(self.seed)
+        w = contraction(rng, self.units, self.w_norm)
+        u = rng.normal(size=(x_shape[-1], self.units)) / np.sqrt(x_shape[-1])
+        self.w = self.add_weight(
+            shape=w.shape, initializer=keras.initializers.Constant(w), name="w"
+        )
+        self.u = self.add_weight(
+            shape=u.shape, initializer=keras.initializers.Constant(u), name="u"
+        )
+        self.b = self.add_weight(
+            shape=(self.units,), initializer="random_normal", name="b"
+        )
+
+    def initial_state(self, x):
+        return keras.ops.zeros((keras.ops.shape(x)[0], self.units), x.dtype)
+
+    def call(self, z, x, training=None):
+        return keras.ops.tanh(z @ self.w + x @ self.u + self.b)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, w_norm=self.w_norm, seed=self.seed)
+        return config

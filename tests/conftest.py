@@ -17,6 +17,9 @@ ANY_BACKEND_TESTS = (
     "solvers/test_solvers.py",
     "test_jacobian.py",
     "layers/test_deq_layer_any_backend.py",
+    "test_diagnostics.py",
+    "test_callbacks.py",
+    "models/test_mdeq_any_backend.py",
 )
 
 if os.environ["KERAS_BACKEND"] == "tensorflow":

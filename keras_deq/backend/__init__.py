@@ -25,7 +25,9 @@ module with the same functions:
 - `attach_backward(z, residuals, backward)`: `z` with the custom gradient
   `backward(residuals, g)`, which refuses second-order gradients;
 - `LAYER_METRICS`: whether a layer can record metrics of its own (its
-  NFE and residuals) in `call` and in that gradient.
+  NFE and residuals) in `call` and in that gradient, also in `fit`;
+- `records_now(value)`: whether a metric update with `value` takes effect
+  where it is made (on JAX: in eager calls only).
 """
 
 import keras
@@ -51,6 +53,9 @@ PORTABLE = (
     "keras_deq.gradients",
     "keras_deq.regularizers",
     "keras_deq.layers",
+    "keras_deq.diagnostics",
+    "keras_deq.callbacks (AdaptiveJacobian aside)",
+    "keras_deq.models.MDEQClassifier",
 )
 
 
@@ -71,6 +76,7 @@ def require_tensorflow(module: str) -> None:
 
 Tensor = _impl.Tensor
 LAYER_METRICS = _impl.LAYER_METRICS
+records_now = _impl.records_now
 new_history = _impl.new_history
 write_history = _impl.write_history
 fix_shape = _impl.fix_shape
@@ -101,6 +107,7 @@ __all__ = [
     "new_history",
     "normal",
     "output_spec",
+    "records_now",
     "repeat",
     "require_tensorflow",
     "unrecorded",

@@ -17,9 +17,18 @@ from keras_deq.backend._common import SECOND_ORDER_REFUSED
 Tensor = jax.Array
 
 # Inside a training step Keras' JAX trainer gives a layer the values of its
-# weights only, not of the metrics it owns, and a `custom_vjp` backward
-# returns cotangents only: a layer's statistics cannot be recorded yet.
+# weights only, not of the metrics it owns (keras-team/keras#21639), and a
+# `custom_vjp` backward returns cotangents only: a layer's statistics are
+# recorded in eager calls only (`records_now`).
 LAYER_METRICS = False
+
+
+def records_now(value) -> bool:
+    """Whether a metric update with `value` takes effect: in an eager call
+    (a concrete value, outside Keras' stateless scopes), not in a trace."""
+    return not isinstance(value, jax.core.Tracer) and not (
+        keras.src.backend.in_stateless_scope()
+    )
 
 
 def new_history(z0: Tensor, count: int, slots: int) -> Tensor:

@@ -9,14 +9,11 @@ step is not retraced. Each adds its values to the epoch logs under
 callback comes after them in the `callbacks` list.
 """
 
-from keras_deq import backend as _backend
 from keras_deq.callbacks.adaptive_jacobian import AdaptiveJacobian
 from keras_deq.callbacks.base import find_deq_layers
 from keras_deq.callbacks.jacobian_schedule import JacobianSchedule
 from keras_deq.callbacks.spectral_radius_monitor import SpectralRadiusMonitor
 from keras_deq.callbacks.unrolled_pretraining import UnrolledPretraining
-
-_backend.require_tensorflow(__name__)
 
 __all__ = [
     "AdaptiveJacobian",

@@ -3,6 +3,7 @@
 import math
 from collections.abc import Sequence
 
+from keras_deq import backend as _backend
 from keras_deq.callbacks.base import _DEQCallback
 from keras_deq.callbacks.base import _steer
 from keras_deq.callbacks.base import _value
@@ -23,7 +24,9 @@ class AdaptiveJacobian(_DEQCallback):
     off) stays where it is. Updates come at the end of every
     epoch, or every `update_every` batches. Each layer is steered by its own
     NFE. The penalty only acts on the steps its gate p = `layer.jac_freq`
-    lets through, so p must be > 0.
+    lets through, so p must be > 0. TensorFlow only: on JAX a layer
+    records no metrics inside `fit`'s step, so there is no NFE to steer
+    by, and constructing it raises a `RuntimeError`.
 
     Args:
         target_nfe: forward NFE to aim for, >= 1.
@@ -56,6 +59,15 @@ class AdaptiveJacobian(_DEQCallback):
         update_every: int | None = None,
         layers: Sequence[str] | None = None,
     ):
+        if not _backend.LAYER_METRICS:
+            raise RuntimeError(
+                "AdaptiveJacobian steers γ by the forward NFE that each "
+                "DEQLayer records during `fit`, and on the "
+                f"{_backend.BACKEND!r} backend a layer cannot record metrics "
+                "inside a training step (Keras' trainer maps only its "
+                "weights there: keras-team/keras#21639). Use "
+                "JacobianSchedule, or the TensorFlow backend."
+            )
         super().__init__(layers)
         self.target_nfe = validation.check_range(
             "target_nfe", target_nfe, 1, math.inf

@@ -4,8 +4,8 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_deq import backend as _backend
 from keras_deq.callbacks.base import _DEQCallback
 from keras_deq.utils import validation
 
@@ -45,7 +45,7 @@ class SpectralRadiusMonitor(_DEQCallback):
         layers: Sequence[str] | None = None,
     ):
         super().__init__(layers)
-        self.x = tf.nest.map_structure(tf.convert_to_tensor, x)
+        self.x = keras.tree.map_structure(keras.ops.convert_to_tensor, x)
         self.every = validation.check_int("every", every, 1)
         self.num_iters = validation.check_int("num_iters", num_iters, 2)
         self._functions = {}
@@ -71,7 +71,7 @@ class SpectralRadiusMonitor(_DEQCallback):
                     encoder(x, training=False), self.num_iters
                 )
 
-            self._functions[layer.name] = tf.function(measure)
+            self._functions[layer.name] = _backend.function(measure)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every or logs is None:

@@ -64,9 +64,9 @@ class Statistics:
         return shown
 
     def _record(self, metric, values):
-        """Adds `values` to `metric`, where the backend lets a layer record
-        metrics of its own (`keras_deq.backend.LAYER_METRICS`)."""
-        if _backend.LAYER_METRICS:
+        """Adds `values` to `metric` where the update takes effect: always
+        on TensorFlow, in eager calls on JAX (`backend.records_now`)."""
+        if _backend.records_now(values):
             metric.update_state(ops.cast(values, "float32"))
 
     def _record_backward(self, result):

@@ -3,7 +3,6 @@
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
 
 from keras_deq.layers.group_norm import GroupNorm
 from keras_deq.layers.variational_dropout import VariationalDropout
@@ -223,10 +222,10 @@ class MDEQBlock(keras.layers.Layer):
         ys = []
         for z_i, x_i, branch in zip(z, x, self.branches, strict=True):
             conv1, gn1, drop, conv2, gn2, gn3 = branch
-            h = tf.nn.relu(gn1(conv1(z_i)))
+            h = keras.ops.relu(gn1(conv1(z_i)))
             h = drop(h, training=training)
             h = gn2(conv2(h) + x_i)
-            ys.append(gn3(tf.nn.relu(z_i + h)))
+            ys.append(gn3(keras.ops.relu(z_i + h)))
         out = []
         for i, paths in enumerate(self.fuse):
             total = ys[i]
@@ -237,7 +236,7 @@ class MDEQBlock(keras.layers.Layer):
                 for layer in path:
                     y = layer(y)
                 total = total + y
-            out.append(self.post_norms[i](tf.nn.relu(total)))
+            out.append(self.post_norms[i](keras.ops.relu(total)))
         return out
 
     def get_config(self):

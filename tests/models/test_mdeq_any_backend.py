@@ -1,0 +1,137 @@
+"""MDEQClassifier on every backend, and one `.keras` file across them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+
+from keras_deq.models import MDEQClassifier
+from tests.any_backend import BACKEND
+from tests.any_backend import gradients
+from tests.any_backend import to_numpy
+
+SMALL = dict(
+    widths=(8, 16),
+    expansion=1,
+    num_groups=4,
+    input_shape=(16, 16, 3),
+    seed=0,
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 16, 16, 3)).astype("float32")
+
+
+def test_the_output_is_a_fixed_point_of_the_block():
+    # The paper's initialisation, where f is a contraction.
+    model = MDEQClassifier(3, max_iter=60, tol=1e-5, init_stddev=0.01, **SMALL)
+    deq = model.deq
+    injections = keras.Model(model.input, deq.input)(images(4))
+    z = deq(injections)
+    fz = deq.block(z, injections)
+    for a, b in zip(z, fz, strict=True):
+        a, b = to_numpy(a), to_numpy(b)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
+def stripes(n, seed):
+    """Noisy images of stripes, class 1 along rows, class 0 along columns
+    (period 4, random phase, amplitude 1 in N(0, 1) noise)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    phase = rng.uniform(0, 2 * np.pi, (n, 1, 1, 1))
+    grid = np.arange(16)[:, None] * np.ones((1, 16))
+    rows = np.sin(np.pi / 2 * grid[None, :, :, None] + phase)
+    cols = np.sin(np.pi / 2 * grid.T[None, :, :, None] + phase)
+    x = rng.normal(size=(n, 16, 16, 3))
+    x += np.where(y[:, None, None, None] == 1, rows, cols)
+    return x.astype("float32"), y
+
+
+def test_it_learns_the_orientation_of_stripes(seed, record_property):
+    """Held-out accuracy after 5 epochs of 4 steps, against the 50% of
+    chance."""
+    x, y = stripes(192, seed=seed)
+    model = MDEQClassifier(2, **{**SMALL, "seed": seed})
+    model.compile(
+        keras.optimizers.Adam(3e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x[:128], y[:128], epochs=5, batch_size=32, verbose=0)
+    held_out = model.evaluate(x[128:], y[128:], verbose=0, return_dict=True)
+    record_property("held_out_accuracy", held_out["accuracy"])
+    assert held_out["accuracy"] >= 0.75, held_out
+
+
+def test_a_keras_file_predicts_and_trains_alike_on_both_backends(tmp_path):
+    """Saved here, loaded by TensorFlow and by JAX (each in a subprocess):
+    float32 logits within 1e-5 and the training gradient of every weight
+    within 1e-4 relative. Training mode without its random parts (random
+    first iterates, the penalty's gate) so both see the same function."""
+    model = MDEQClassifier(3, random_start=None, jac_weight=0.0, **SMALL)
+    x = images(4, seed=1)
+    model(x)
+    model.save(tmp_path / "mdeq.keras")
+    np.save(tmp_path / "x.npy", x)
+    results = {}
+    for backend in ("tensorflow", "jax"):
+        env = {**os.environ, "KERAS_BACKEND": backend}
+        env.pop("XLA_FLAGS", None)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.models.test_mdeq_any_backend",
+                str(tmp_path / "mdeq.keras"),
+                str(tmp_path / "x.npy"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[backend] = json.loads(run.stdout.strip().splitlines()[-1])
+    here = to_numpy(model.predict(x, verbose=0))
+    for result in results.values():
+        np.testing.assert_allclose(result["logits"], here, atol=1e-5)
+    tf_run, jax_run = results["tensorflow"], results["jax"]
+    assert tf_run["names"] == jax_run["names"]
+    for a, b in zip(jax_run["grads"], tf_run["grads"], strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+
+
+def _one_backend_run(model_path, x_path):
+    """Prints this backend's logits and training gradients as JSON."""
+    model = keras.saving.load_model(model_path)
+    assert isinstance(model, MDEQClassifier), type(model)
+    x = np.load(x_path)
+    y = np.arange(len(x)) % 3
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    grads = gradients(
+        lambda: cross_entropy(y, model(x, training=True)),
+        model.trainable_variables,
+    )
+    print(
+        json.dumps(
+            {
+                "backend": BACKEND,
+                "logits": to_numpy(model.predict(x, verbose=0)).tolist(),
+                "names": [v.path for v in model.trainable_variables],
+                "grads": [to_numpy(g).tolist() for g in grads],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    _one_backend_run(sys.argv[1], sys.argv[2])
