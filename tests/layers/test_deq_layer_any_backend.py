@@ -373,5 +373,88 @@ def _one_backend_run(path):
     print(json.dumps(out))
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
+@pytest.mark.parametrize("gradient", ["implicit", "phantom"])
+def test_data_parallel_over_two_devices_trains_as_one(tmp_path, gradient):
+    """`fit` under `keras.distribution.DataParallel` over 2 CPU devices
+    (`--xla_force_host_platform_device_count=2`, each run in a subprocess)
+    gives the weights and losses of the same `fit` on one device: each
+    sample's solve and the penalty's probes do not depend on the split."""
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"{devices}.npz"
+        env = {
+            **os.environ,
+            "KERAS_BACKEND": "jax",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        }
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.layers.test_deq_layer_any_backend",
+                "data_parallel",
+                gradient,
+                str(devices),
+                str(out),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[devices] = dict(np.load(out))
+    one, two = runs[1], runs[2]
+    assert two["sharded_over"] == 2 and one["sharded_over"] == 1
+    # Training moved the weights, by the same steps on one and two devices.
+    assert np.abs(one["w"] - one["w0"]).max() > 1e-3
+    for name in ("loss", "w", "u", "dense"):
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def _data_parallel_run(gradient, devices, out):
+    """Four steps of `fit` (penalty and correction on) on `devices` CPUs."""
+    import jax
+
+    assert len(jax.devices()) == 2, jax.devices()
+    if devices == 2:
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices())
+        )
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(64, INPUTS)).astype("float32")
+    y = (x @ rng.normal(size=(INPUTS, 1)) > 0).astype("float32")
+    keras.utils.set_random_seed(0)
+    layer = DEQLayer(
+        TanhBlock(),
+        gradient=gradient,
+        jac_weight=1.0,
+        correction_weight=1.0,
+        tol=1e-5,
+        seed=0,
+    )
+    model = keras.Sequential(
+        [keras.Input((INPUTS,)), layer, keras.layers.Dense(1)]
+    )
+    model.compile(keras.optimizers.SGD(0.5), "mse")
+    w0 = to_numpy(layer.block.w.value)
+    history = model.fit(x, y, epochs=2, batch_size=32, shuffle=False, verbose=0)
+    sharding = layer.block.w.value.sharding
+    np.savez(
+        out,
+        sharded_over=len(sharding.device_set),
+        loss=np.asarray(history.history["loss"]),
+        w0=w0,
+        w=to_numpy(layer.block.w.value),
+        u=to_numpy(layer.block.u.value),
+        dense=to_numpy(model.layers[-1].kernel.value),
+    )
+
+
 if __name__ == "__main__":
-    _one_backend_run(sys.argv[1])
+    if sys.argv[1] == "data_parallel":
+        _data_parallel_run(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        _one_backend_run(sys.argv[1])
