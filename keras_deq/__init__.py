@@ -1,9 +1,7 @@
 """keras_deq: deep equilibrium models for Keras 3.
 
-The solvers, the Jacobian estimates, the gradient kinds, the penalty, the
-layers (`DEQLayer` included), the diagnostics, the callbacks and
-`MDEQClassifier` run on TensorFlow and JAX; `AdaptiveJacobian` and the
-DEQ-Transformer need the TensorFlow backend so far.
+Everything runs on Keras' TensorFlow and JAX backends but
+`AdaptiveJacobian`, which needs TensorFlow (see `keras_deq.backend`).
 """
 
 from keras_deq import backend

@@ -20,6 +20,8 @@ ANY_BACKEND_TESTS = (
     "test_diagnostics.py",
     "test_callbacks.py",
     "models/test_mdeq_any_backend.py",
+    "models/test_cached_decoding.py",
+    "models/test_deq_transformer_lm.py",
 )
 
 if os.environ["KERAS_BACKEND"] == "tensorflow":

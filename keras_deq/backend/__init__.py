@@ -15,8 +15,10 @@ module with the same functions:
 - `normal(shape, dtype, seed, index)`: the Jacobian estimates' Gaussian
   probes from an int seed, a `keras.random.SeedGenerator` or `None`;
 - `unrecorded()`: a context that keeps the forward solve off every tape;
-- `loops_run_op_by_op()` and `function(fn)`: whether an eager loop would
-  run op by op here, and the compiled function to run it in instead;
+- `loops_run_op_by_op()` and `function(fn, signature, jit_compile,
+  state)`: whether an eager loop would run op by op here, and the
+  compiled function to run it in instead (on JAX a `jax.jit` given the
+  values of `state`'s variables, or `fn` as it is without `state`);
 - `current_value(variable)`: a scalar variable's value while a step is
   traced;
 - `output_spec(fn, *args)`: KerasTensors of `fn`'s outputs;
@@ -26,6 +28,8 @@ module with the same functions:
   `backward(residuals, g)`, which refuses second-order gradients;
 - `LAYER_METRICS`: whether a layer can record metrics of its own (its
   NFE and residuals) in `call` and in that gradient, also in `fit`;
+- `EXPORT_EMPTY_AXES`: whether a SavedModel endpoint exported here takes
+  inputs with an axis of size 0;
 - `records_now(value)`: whether a metric update with `value` takes effect
   where it is made (on JAX: in eager calls only).
 """
@@ -46,36 +50,9 @@ else:
         "to one of them before importing keras."
     )
 
-# What runs on every supported backend so far; the rest needs TensorFlow.
-PORTABLE = (
-    "keras_deq.solvers",
-    "keras_deq.jacobian",
-    "keras_deq.gradients",
-    "keras_deq.regularizers",
-    "keras_deq.layers",
-    "keras_deq.diagnostics",
-    "keras_deq.callbacks (AdaptiveJacobian aside)",
-    "keras_deq.models.MDEQClassifier",
-)
-
-
-def require_tensorflow(module: str) -> None:
-    """Raises `ImportError` unless Keras runs on TensorFlow.
-
-    Args:
-        module: the importing module's name, for the message.
-    """
-    if BACKEND != "tensorflow":
-        raise ImportError(
-            f"{module} needs the TensorFlow backend of Keras so far; on "
-            f"{BACKEND!r}, keras_deq offers {', '.join(PORTABLE)}. Set the "
-            "environment variable KERAS_BACKEND=tensorflow before importing "
-            "keras to use the rest."
-        )
-
-
 Tensor = _impl.Tensor
 LAYER_METRICS = _impl.LAYER_METRICS
+EXPORT_EMPTY_AXES = _impl.EXPORT_EMPTY_AXES
 records_now = _impl.records_now
 new_history = _impl.new_history
 write_history = _impl.write_history
@@ -93,10 +70,10 @@ attach_backward = _impl.attach_backward
 
 __all__ = [
     "BACKEND",
+    "EXPORT_EMPTY_AXES",
     "LAYER_METRICS",
     "SUPPORTED",
     "Tensor",
-    "PORTABLE",
     "attach_backward",
     "cholesky_solve",
     "current_value",
@@ -109,7 +86,6 @@ __all__ = [
     "output_spec",
     "records_now",
     "repeat",
-    "require_tensorflow",
     "unrecorded",
     "write_history",
 ]

@@ -22,6 +22,10 @@ Tensor = jax.Array
 # recorded in eager calls only (`records_now`).
 LAYER_METRICS = False
 
+# A SavedModel exported from JAX (jax2tf) takes every dynamic dimension as
+# >= 1: an endpoint cannot be called with an empty axis.
+EXPORT_EMPTY_AXES = False
+
 
 def records_now(value) -> bool:
     """Whether a metric update with `value` takes effect: in an eager call
@@ -122,9 +126,26 @@ def loops_run_op_by_op() -> bool:
     return False
 
 
-def function(fn):
-    """`fn` as it is (see `loops_run_op_by_op`)."""
-    return fn
+def function(fn, signature=None, jit_compile: bool = False, state=None):
+    """`fn` compiled with `jax.jit`, per input shape, when `state` names
+    the layer whose variables it reads: their current values go in as
+    arguments (a jitted closure would hold those of its trace). Without
+    `state`, `fn` as it is (see `loops_run_op_by_op`)."""
+    del signature, jit_compile
+    if state is None:
+        return fn
+
+    def pure(values, *args):
+        mapping = list(zip(state.variables, values, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            return fn(*args)
+
+    compiled = jax.jit(pure)
+
+    def call(*args):
+        return compiled([v.value for v in state.variables], *args)
+
+    return call
 
 
 def current_value(variable) -> float:

@@ -34,6 +34,10 @@ Tensor = tf.Tensor
 # backward solve's statistics).
 LAYER_METRICS = True
 
+# An exported endpoint takes inputs with empty axes (a memory of 0
+# positions).
+EXPORT_EMPTY_AXES = True
+
 
 def records_now(value) -> bool:
     """Always: a layer's metric updates take effect in graphs too."""
@@ -190,9 +194,23 @@ def loops_run_op_by_op() -> bool:
     return tf.executing_eagerly()
 
 
-def function(fn):
-    """`fn` compiled for eager calls: a `tf.function`."""
-    return tf.function(fn, reduce_retracing=True)
+def function(fn, signature=None, jit_compile: bool = False, state=None):
+    """`fn` compiled for eager calls: a `tf.function`, for the inputs
+    `signature` describes (`(shape, dtype, name)` each) if given, with XLA
+    if `jit_compile`. (`state`, the layer whose variables `fn` reads, is
+    JAX's need: a `tf.function` reads variables when it runs.)"""
+    del state
+    if signature is not None:
+        signature = [
+            tf.TensorSpec(shape, dtype, name=name)
+            for shape, dtype, name in signature
+        ]
+    return tf.function(
+        fn,
+        input_signature=signature,
+        reduce_retracing=True,
+        jit_compile=jit_compile or None,
+    )
 
 
 def current_value(variable) -> float:

@@ -2,8 +2,9 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_deq import backend as _backend
 from keras_deq.utils import validation
 
 # generate's memory grows in blocks of this many positions.
@@ -20,17 +21,16 @@ class CachedDecoding:
     """
 
     def _memory_spec(self):
+        """`(shape, dtype, name)` of a memory."""
         dtype = self.deq.block.compute_dtype
-        return tf.TensorSpec(
-            [None, None, 2 * self.hidden_dim], dtype, name="memory"
-        )
+        return (None, None, 2 * self.hidden_dim), dtype, "memory"
 
     def _solve_new(self, token_ids, memory, memory_length=None):
         """Logits `[B, S, vocab]` of new positions and their memory."""
         deq = self.deq
         block = deq.block
         if memory_length is None:
-            start = tf.shape(memory)[1]
+            start = ops.shape(memory)[1]
         else:
             start = memory_length
         h = self.get_layer("token_embedding")(token_ids)
@@ -50,12 +50,12 @@ class CachedDecoding:
 
         z_star, _ = deq.solve(f, block.initial_state(x))
         logits = self.get_layer("token_embedding")(z_star, reverse=True)
-        return tf.cast(logits, tf.float32), block.attention_memory(z_star, x)
+        return ops.cast(logits, "float32"), block.attention_memory(z_star, x)
 
     def _decode_step(self, token_ids, memory):
         """`decode_step` in graph form: both arguments given, no checks."""
         logits, new = self._solve_new(token_ids, memory)
-        return logits, tf.concat([memory, tf.cast(new, memory.dtype)], 1)
+        return logits, ops.concatenate([memory, ops.cast(new, memory.dtype)], 1)
 
     def _decode_into(self, token_ids, memory, memory_length):
         """One new token per row into a preallocated memory (generate's).
@@ -66,27 +66,24 @@ class CachedDecoding:
         (XLA) per batch size and capacity C.
         """
         logits, new = self._solve_new(token_ids, memory, memory_length)
-        slot = tf.range(tf.shape(memory)[1])[None, :, None] == memory_length
-        memory = tf.where(slot, tf.cast(new, memory.dtype), memory)
+        slot = ops.arange(ops.shape(memory)[1])[None, :, None] == memory_length
+        memory = ops.where(slot, ops.cast(new, memory.dtype), memory)
         return logits[:, -1], memory
 
     def _decode_function(self):
         if self._decode is None:
-            self._decode = tf.function(
+            self._decode = _backend.function(
                 self._decode_step,
-                input_signature=[
-                    tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-                    self._memory_spec(),
-                ],
-                reduce_retracing=True,
+                [((None, None), "int32", "token_ids"), self._memory_spec()],
+                state=self,
             )
         return self._decode
 
-    def empty_memory(self, batch_size: int) -> tf.Tensor:
+    def empty_memory(self, batch_size: int):
         """The memory of no positions, `[batch_size, 0, 2 · hidden_dim]`."""
         validation.check_int("batch_size", batch_size, 1)
-        spec = self._memory_spec()
-        return tf.zeros([batch_size, 0, spec.shape[-1]], spec.dtype)
+        _, dtype, _ = self._memory_spec()
+        return ops.zeros((batch_size, 0, 2 * self.hidden_dim), dtype)
 
     def decode_step(self, token_ids, memory=None):
         """Logits of tokens that continue a remembered prefix, and new memory.
@@ -116,27 +113,29 @@ class CachedDecoding:
             token after each of the S positions, and the memory of all
             M + S positions.
         """
-        ids = tf.convert_to_tensor(token_ids)
-        if ids.shape.rank != 2 or not ids.dtype.is_integer:
+        ids = ops.convert_to_tensor(token_ids)
+        dtype = keras.backend.standardize_dtype(ids.dtype)
+        if len(ids.shape) != 2 or "int" not in dtype:
             raise ValueError(
                 "`token_ids` must be a [batch, length] integer tensor. "
-                f"Received: shape {tuple(ids.shape)}, dtype {ids.dtype.name}"
+                f"Received: shape {tuple(ids.shape)}, dtype {dtype}"
             )
-        spec = self._memory_spec()
+        _, memory_dtype, _ = self._memory_spec()
+        width = 2 * self.hidden_dim
         if memory is None:
-            memory = tf.zeros([tf.shape(ids)[0], 0, spec.shape[-1]], spec.dtype)
-        memory = tf.convert_to_tensor(memory, spec.dtype)
+            memory = self.empty_memory(ids.shape[0])
+        memory = ops.convert_to_tensor(memory, memory_dtype)
         if (
-            memory.shape.rank != 3
-            or memory.shape[-1] != spec.shape[-1]
+            len(memory.shape) != 3
+            or memory.shape[-1] != width
             or (memory.shape[0] != ids.shape[0])
         ):
             raise ValueError(
                 "`memory` must be [batch, positions, "
-                f"{spec.shape[-1]}] with the batch of `token_ids` "
+                f"{width}] with the batch of `token_ids` "
                 f"({ids.shape[0]}). Received shape {tuple(memory.shape)}"
             )
-        return self._decode_function()(tf.cast(ids, tf.int32), memory)
+        return self._decode_function()(ops.cast(ids, "int32"), memory)
 
     def export(
         self,
@@ -152,9 +151,16 @@ class CachedDecoding:
         vocab]`, the full forward pass) and `decode_step(token_ids,
         memory)`, the incremental decoding of `decode_step` (start it with
         a `[B, 0, 2 · hidden_dim]` memory). Other formats export `serve`
-        only, as Keras does.
+        only, as Keras does, and so does the JAX backend: its SavedModel
+        (jax2tf's) takes no empty axis, so no empty first memory.
         """
-        if format != "tf_saved_model":
+        if format == "tf_saved_model" and kwargs:
+            raise TypeError(
+                f"Unexpected export arguments: {sorted(kwargs)}. "
+                "DEQTransformerLM.export takes filepath, format, verbose "
+                "and input_signature."
+            )
+        if format != "tf_saved_model" or not _backend.EXPORT_EMPTY_AXES:
             return super().export(
                 filepath,
                 format=format,
@@ -162,12 +168,9 @@ class CachedDecoding:
                 input_signature=input_signature,
                 **kwargs,
             )
-        if kwargs:
-            raise TypeError(
-                f"Unexpected export arguments: {sorted(kwargs)}. "
-                "DEQTransformerLM.export takes filepath, format, verbose "
-                "and input_signature."
-            )
+        import tensorflow as tf  # a SavedModel is TensorFlow's
+
+        memory_shape, memory_dtype, _ = self._memory_spec()
         archive = keras.export.ExportArchive()
         archive.track_and_add_endpoint(
             "serve",
@@ -180,7 +183,7 @@ class CachedDecoding:
             self._decode_step,
             input_signature=[
                 tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-                self._memory_spec(),
+                tf.TensorSpec(memory_shape, memory_dtype, name="memory"),
             ],
         )
         archive.write_out(
@@ -202,12 +205,12 @@ class CachedDecoding:
         filled = ids.shape[1]
         capacity = -(-(filled + num_tokens) // _MEMORY_BLOCK) * _MEMORY_BLOCK
         state = {
-            "memory": tf.pad(memory, [[0, 0], [0, capacity - filled], [0, 0]]),
+            "memory": ops.pad(memory, [[0, 0], [0, capacity - filled], [0, 0]]),
             "filled": filled,
         }
         if self._decode_compiled is None:
-            self._decode_compiled = tf.function(
-                self._decode_into, jit_compile=True
+            self._decode_compiled = _backend.function(
+                self._decode_into, jit_compile=True, state=self
             )
 
         def decode(new):
@@ -216,7 +219,9 @@ class CachedDecoding:
                     f"This decoder has room for {num_tokens} new tokens."
                 )
             logits, state["memory"] = self._decode_compiled(
-                new, state["memory"], tf.constant(state["filled"], tf.int32)
+                new,
+                state["memory"],
+                ops.convert_to_tensor(state["filled"], "int32"),
             )
             state["filled"] += 1
             return logits

@@ -2,7 +2,7 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
@@ -216,40 +216,44 @@ class DEQTransformerBlock(keras.layers.Layer):
 
     def initial_state(self, x):
         """z₀ = 0, `[B, T, hidden_dim]`."""
-        return tf.zeros_like(x[..., : self.hidden_dim])
+        return ops.zeros_like(x[..., : self.hidden_dim])
 
     def _heads(self, z, x):
         """Queries, keys and values `[B, T, heads, head_dim]` at (z, x)."""
-        batch, length = tf.shape(z)[0], tf.shape(z)[1]
         heads, head_dim = self.num_heads, self.hidden_dim // self.num_heads
         qkv = self.qkv(self.norm1(z) if self.norm == "pre" else z) + x
-        qkv = tf.reshape(qkv, [batch, length, 3, heads, head_dim])
-        return tf.unstack(qkv, axis=2)
+        qkv = ops.reshape(qkv, (ops.shape(z)[0], -1, 3, heads, head_dim))
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def _attention(self, z, x, memory, memory_length):
         q, k, v = self._heads(z, x)
         old = 0
         if memory is not None:
-            old_k, old_v = tf.unstack(self._split_memory(memory), axis=2)
-            k = tf.concat([tf.cast(old_k, k.dtype), k], axis=1)
-            v = tf.concat([tf.cast(old_v, v.dtype), v], axis=1)
-            old = tf.shape(old_k)[1]
+            old_kv = self._split_memory(memory)
+            old_k, old_v = old_kv[:, :, 0], old_kv[:, :, 1]
+            k = ops.concatenate([ops.cast(old_k, k.dtype), k], axis=1)
+            v = ops.concatenate([ops.cast(old_v, v.dtype), v], axis=1)
+            old = ops.shape(old_k)[1]
         # New position i reads the remembered positions and the new ones up
         # to itself. (One mask for both cases, rather than `is_causal`
         # without memory, so that a prompt decoded from empty memory runs
         # the same computation as the full forward pass.)
-        new = tf.shape(q)[1]
-        keys = tf.range(old + new)[None, :]
-        mask = keys <= old + tf.range(new)[:, None]
+        new = ops.shape(q)[1]
+        keys = ops.arange(old + new)[None, :]
+        mask = keys <= old + ops.arange(new)[:, None]
         if memory_length is not None:
-            mask &= (keys < memory_length) | (keys >= old)
-        out = keras.ops.dot_product_attention(q, k, v, mask=mask[None, None])
-        return tf.reshape(out, tf.shape(z))
+            mask = ops.logical_and(
+                mask,
+                ops.logical_or(keys < memory_length, keys >= old),
+            )
+        out = ops.dot_product_attention(q, k, v, mask=mask[None, None])
+        return ops.reshape(out, ops.shape(z))
 
     def _split_memory(self, memory):
-        shape = tf.shape(memory)
         heads, head_dim = self.num_heads, self.hidden_dim // self.num_heads
-        return tf.reshape(memory, [shape[0], shape[1], 2, heads, head_dim])
+        return ops.reshape(
+            memory, (ops.shape(memory)[0], -1, 2, heads, head_dim)
+        )
 
     def attention_memory(self, z, x):
         """What later positions read of positions (z, x): their keys and values.
@@ -264,9 +268,9 @@ class DEQTransformerBlock(keras.layers.Layer):
             along the positions with earlier memory) as `memory` to `call`.
         """
         _, k, v = self._heads(z, x)
-        batch, length = tf.shape(z)[0], tf.shape(z)[1]
-        return tf.reshape(
-            tf.stack([k, v], axis=2), [batch, length, 2 * self.hidden_dim]
+        return ops.reshape(
+            ops.stack([k, v], axis=2),
+            (ops.shape(z)[0], -1, 2 * self.hidden_dim),
         )
 
     def call(self, z, x, training=None, *, memory=None, memory_length=None):

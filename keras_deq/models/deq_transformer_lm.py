@@ -2,8 +2,8 @@
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_deq import backend as _backend
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
 from keras_deq.models import _deq_options
@@ -244,15 +244,15 @@ class DEQTransformerLM(CachedDecoding, _deq_options.ConfigMixin, keras.Model):
         """
         if self._next_logits is None:
 
-            @tf.function(
-                input_signature=[tf.TensorSpec([None, None], tf.int32)],
-                reduce_retracing=True,
-            )
             def next_logits(ids):
                 return self(ids, training=False)[:, -1]
 
-            self._next_logits = next_logits
-        return self._next_logits(tf.convert_to_tensor(token_ids, tf.int32))
+            self._next_logits = _backend.function(
+                next_logits, [((None, None), "int32", "token_ids")], state=self
+            )
+        return self._next_logits(
+            keras.ops.convert_to_tensor(token_ids, "int32")
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -7,6 +7,8 @@ import pytest
 import keras_deq
 from keras_deq.models import DEQTransformerBlock
 from keras_deq.models import DEQTransformerLM
+from tests.any_backend import BACKEND
+from tests.any_backend import to_numpy
 
 VOCAB = 30
 TINY = dict(hidden_dim=16, num_heads=2, intermediate_dim=24, seed=0)
@@ -24,8 +26,8 @@ def test_later_tokens_leave_earlier_logits_unchanged(norm, solver):
     changed = ids.copy()
     t = 6
     changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % VOCAB
-    a = model(ids, training=False).numpy()
-    b = model(changed, training=False).numpy()
+    a = to_numpy(model(ids, training=False))
+    b = to_numpy(model(changed, training=False))
     assert np.abs(a[:, : t + 1] - b[:, : t + 1]).max() <= 1e-5
     # The test can see a dependence: the changed positions do move.
     assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-4
@@ -37,7 +39,7 @@ def test_block_is_a_transformer_layer_with_injection():
     rng = np.random.default_rng(1)
     z = rng.normal(size=(2, 5, 16)).astype("float32")
     x = rng.normal(size=(2, 5, 48)).astype("float32")
-    out = block(z, x).numpy()
+    out = to_numpy(block(z, x))
 
     def ln(h, layer):
         mu = h.mean(-1, keepdims=True)
@@ -98,11 +100,13 @@ def test_softmax_head_is_the_transposed_embedding():
     vocab_sized = [w for w in model.weights if VOCAB in tuple(w.shape)]
     assert len(vocab_sized) == 1
     ids = tokens(batch=2, length=5)
-    features = keras.Model(
-        model.input, model.get_layer("output_dropout").output
-    )(ids, training=False).numpy()
+    features = to_numpy(
+        keras.Model(model.input, model.get_layer("output_dropout").output)(
+            ids, training=False
+        )
+    )
     np.testing.assert_allclose(
-        model(ids, training=False).numpy(),
+        to_numpy(model(ids, training=False)),
         features @ embedding.T,
         rtol=1e-5,
         atol=1e-6,
@@ -132,6 +136,10 @@ def test_trains_with_the_jacobian_penalty_on(norm, seed, record_property):
     history = model.fit(x, y, epochs=40, batch_size=8, verbose=0).history
     after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     assert np.all(np.isfinite(history["loss"]))
+    record_property("loss_after", after)
+    assert after < np.log(10) - 0.5, (before, after)
+    if BACKEND != "tensorflow":
+        return  # the penalty's value is logged on TensorFlow only
     # p = 1: every step computed the penalty, and it is in the loss.
     assert all(v > 0 for v in history["deq_jac_loss"])
     assert all(
@@ -140,8 +148,6 @@ def test_trains_with_the_jacobian_penalty_on(norm, seed, record_property):
             history["loss"], history["deq_jac_loss"], strict=True
         )
     )
-    record_property("loss_after", after)
-    assert after < np.log(10) - 0.5, (before, after)
 
 
 def test_generate_without_cache_runs_the_whole_sequence_through_the_deq():
