@@ -227,11 +227,9 @@ class DEQLayer(
                 f"{type(block).__name__}"
             )
         self._injected = _block.takes_one_tensor(block)
-        validation.check_choice("solver", solver, solvers.names())
+        solvers.get(solver, "solver")
         if backward_solver is not None:
-            validation.check_choice(
-                "backward_solver", backward_solver, solvers.names()
-            )
+            solvers.get(backward_solver, "backward_solver")
         validation.check_int("max_iter", max_iter, 1)
         validation.check_positive("tol", tol)
         validation.check_choice("stop_mode", stop_mode, _loop.STOP_MODES)
@@ -369,13 +367,7 @@ class DEQLayer(
         overrides = self._training_overrides if training else {}
         gradient = overrides.get("gradient", self.gradient)
         max_iter, tol = self._budget(training)
-        if initial_state is None:
-            z0 = self._initial_state(x)
-            start = self._random_start(training)
-            if start is not None:
-                z0 = _phase_settings.perturbed(z0, *start)
-        else:
-            z0 = self._given_state(initial_state, x)
+        z0 = self._first_iterate(x, training, initial_state)
         # Every evaluation of the block in this call (forward iterations,
         # the one at z* that the backward uses, the Jacobian penalty) sees
         # the same draw of its per-solve noise (dropout masks).
@@ -388,7 +380,26 @@ class DEQLayer(
         def solve():
             return self._solve_per_sample(x, z0, training, noise, max_iter, tol)
 
-        problem = gradients.Problem(
+        problem = self._problem(f, flattener, z0, solve, max_iter, training)
+        z, forward = gradients.get(gradient)(problem)
+        self._add_losses(f, problem.z0, z, forward, training)
+        self._record_forward(forward)
+        return flattener.unflatten(z)
+
+    def _first_iterate(self, x, training, initial_state):
+        """z₀: the given state, or the block's first iterate (perturbed
+        where `random_start` asks for it)."""
+        if initial_state is not None:
+            return self._given_state(initial_state, x)
+        z0 = self._initial_state(x)
+        start = self._random_start(training)
+        if start is not None:
+            z0 = _phase_settings.perturbed(z0, *start)
+        return z0
+
+    def _problem(self, f, flattener, z0, solve, max_iter, training):
+        """The `gradients.Problem` of this call's solve and backward."""
+        return gradients.Problem(
             f=f,
             z0=flattener.flatten(z0),
             solve=solve,
@@ -417,29 +428,27 @@ class DEQLayer(
             ),
             **self._row_maps(z0),
         )
-        z, forward = gradients.get(gradient)(problem)
+
+    def _add_losses(self, f, z0, z, forward, training):
+        """The block's losses at z*; in training, the penalty and the
+        fixed-point correction."""
         # Losses the block added at the evaluation that gives the output (at
         # z*): the solve's are inside its loop and the penalty's inside a
         # cond, where nothing outside may read them.
         block_losses = self._take_block_losses()
         if block_losses:
             self.add_loss(block_losses)
-        if training:
-            penalty = self.jacobian_penalty.loss(f, forward.z)
-            self.add_loss(keras.ops.cast(penalty, self.variable_dtype))
-            if self.correction_weight > 0:
-                correction = self.correction_weight * fixed_point_correction(
-                    f,
-                    problem.z0,
-                    z,
-                    self.correction_states,
-                    self.correction_decay,
-                )
-                self._record(self.correction_loss, correction)
-                self.add_loss(keras.ops.cast(correction, self.variable_dtype))
-            self.block._clear_losses()
-        self._record_forward(forward)
-        return flattener.unflatten(z)
+        if not training:
+            return
+        penalty = self.jacobian_penalty.loss(f, forward.z)
+        self.add_loss(keras.ops.cast(penalty, self.variable_dtype))
+        if self.correction_weight > 0:
+            correction = self.correction_weight * fixed_point_correction(
+                f, z0, z, self.correction_states, self.correction_decay
+            )
+            self._record(self.correction_loss, correction)
+            self.add_loss(keras.ops.cast(correction, self.variable_dtype))
+        self.block._clear_losses()
 
     def compute_output_spec(self, x, training=None, initial_state=None):
         batch = keras.tree.flatten(x)[0].shape[0]
