@@ -33,6 +33,7 @@ from keras_deq.solvers import LowRankInverse
 from keras_deq.solvers import SolverResult
 from keras_deq.solvers import _loop
 from keras_deq.utils.numerics import norm
+from keras_deq.utils.registry import Registry
 
 
 class Problem(NamedTuple):
@@ -154,12 +155,16 @@ class _Entry(NamedTuple):
     backward_statistics: bool
 
 
-_REGISTRY: dict[str, _Entry] = {
-    "implicit": _Entry(_implicit_kind, True),
-    "phantom": _Entry(_phantom_kind, False),
-    "reuse": _Entry(_reuse_kind, True),
-    "unrolled": _Entry(_unrolled_kind, False),
-}
+_REGISTRY = Registry(
+    "gradient kind",
+    "keras_deq.gradients.register",
+    {
+        "implicit": _Entry(_implicit_kind, True),
+        "phantom": _Entry(_phantom_kind, False),
+        "reuse": _Entry(_reuse_kind, True),
+        "unrolled": _Entry(_unrolled_kind, False),
+    },
+)
 
 
 def get(name: str) -> Kind:
@@ -177,27 +182,18 @@ def get(name: str) -> Kind:
         >>> callable(get("implicit"))
         True
     """
-    return _entry("gradient", name).kind
+    return _REGISTRY.get(name, "gradient").kind
 
 
 def reports_backward(name: str) -> bool:
     """Whether kind `name` records backward statistics (`on_backward`)."""
-    return _entry("gradient", name).backward_statistics
+    return _REGISTRY.get(name, "gradient").backward_statistics
 
 
 def check(argument: str, name: str) -> str:
     """Checks that `name` is a registered kind; the error names `argument`."""
-    _entry(argument, name)
+    _REGISTRY.get(name, argument)
     return name
-
-
-def _entry(argument, name):
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(
-            f"`{argument}` must be one of {names()} (or a kind added with "
-            f"keras_deq.gradients.register). Received: {argument}={name!r}"
-        )
-    return _REGISTRY[name]
 
 
 def register(
@@ -227,15 +223,9 @@ def register(
         layer = keras_deq.DEQLayer(block, gradient="damped_phantom")
         ```
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"`name` must be a non-empty string. Received: name={name!r}"
-        )
-    if name in _REGISTRY:
-        raise ValueError(f"A gradient kind is already registered as {name!r}.")
     if not callable(kind):
         raise TypeError(f"`kind` must be callable. Received: kind={kind!r}")
-    _REGISTRY[name] = _Entry(kind, bool(backward_statistics))
+    _REGISTRY.add(name, _Entry(kind, bool(backward_statistics)))
 
 
 def names() -> list[str]:
@@ -246,7 +236,7 @@ def names() -> list[str]:
         >>> {"implicit", "phantom", "reuse", "unrolled"} <= set(names())
         True
     """
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def implicit(

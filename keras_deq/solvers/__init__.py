@@ -15,20 +15,23 @@ from keras_deq.solvers.anderson import anderson
 from keras_deq.solvers.broyden import LowRankInverse
 from keras_deq.solvers.broyden import broyden
 from keras_deq.solvers.fixed_point import fixed_point
+from keras_deq.utils.registry import Registry
 
-_REGISTRY: dict[str, Callable[..., SolverResult]] = {
-    "broyden": broyden,
-    "anderson": anderson,
-    "fixed_point": fixed_point,
-}
+_REGISTRY = Registry(
+    "solver",
+    "keras_deq.solvers.register",
+    {"broyden": broyden, "anderson": anderson, "fixed_point": fixed_point},
+)
 
 
-def get(name: str) -> Callable[..., SolverResult]:
+def get(name: str, argument: str = "solver") -> Callable[..., SolverResult]:
     """Returns the solver registered under `name`.
 
     Args:
         name: `"broyden"`, `"anderson"`, `"fixed_point"` or a name given to
             `register`.
+        argument: the argument that gave `name`, for the error. Defaults
+            to `"solver"`.
 
     Returns:
         The solver function.
@@ -38,12 +41,7 @@ def get(name: str) -> Callable[..., SolverResult]:
         >>> get("anderson").__name__
         'anderson'
     """
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown solver. Expected one of {sorted(_REGISTRY)}. "
-            f"Received: solver={name!r}"
-        )
-    return _REGISTRY[name]
+    return _REGISTRY.get(name, argument)
 
 
 def register(name: str, solver: Callable[..., SolverResult]) -> None:
@@ -66,15 +64,9 @@ def register(name: str, solver: Callable[..., SolverResult]) -> None:
         layer = keras_deq.DEQLayer(block, solver="damped")
         ```
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"`name` must be a non-empty string. Received: {name!r}"
-        )
-    if name in _REGISTRY:
-        raise ValueError(f"A solver is already registered as {name!r}.")
     if not callable(solver):
         raise TypeError(f"`solver` must be callable. Received: {solver!r}")
-    _REGISTRY[name] = solver
+    _REGISTRY.add(name, solver)
 
 
 # The arguments every solver takes; the others are its options.
@@ -125,7 +117,7 @@ def names() -> list[str]:
         >>> {"anderson", "broyden", "fixed_point"} <= set(names())
         True
     """
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 __all__ = [

@@ -183,8 +183,16 @@ def test_get_and_register():
     assert solvers.get("broyden") is solvers.broyden
     with pytest.raises(ValueError, match=r"solver='newton'"):
         solvers.get("newton")
+    with pytest.raises(
+        ValueError,
+        match=r"`backward_solver` must be one of \[.*'broyden'.*\] \(or a "
+        r"solver added with keras_deq.solvers.register\).*backward_solver='x'",
+    ):
+        solvers.get("x", "backward_solver")
     with pytest.raises(ValueError, match="already registered"):
         solvers.register("broyden", solvers.broyden)
+    with pytest.raises(ValueError, match="non-empty string"):
+        solvers.register("", solvers.broyden)
 
 
 @pytest.mark.parametrize(
