@@ -4,6 +4,10 @@ These tests import nothing backend-specific at module level; under
 `KERAS_BACKEND=jax` the conftest collects only them (`ANY_BACKEND_TESTS`).
 """
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 
@@ -28,6 +32,26 @@ def compiled(fn, mode):
     import jax
 
     return jax.jit(fn)
+
+
+def run_module(module, *args, backend, xla_flags=None):
+    """Runs `python -m module args` under Keras backend `backend` (with
+    `XLA_FLAGS=xla_flags`, or none) from the repository root; returns its
+    stdout, after checking that it exited with 0."""
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    env.pop("XLA_FLAGS", None)
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    run = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 def to_numpy(x):

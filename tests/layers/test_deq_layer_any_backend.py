@@ -6,8 +6,6 @@ gradients are computed here in numpy, independently of the layer.
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import keras
@@ -21,6 +19,7 @@ from tests.any_backend import COMPILE_MODES
 from tests.any_backend import compiled
 from tests.any_backend import contraction
 from tests.any_backend import gradients
+from tests.any_backend import run_module
 from tests.any_backend import to_numpy
 
 DIM, INPUTS, BATCH = 6, 4, 3
@@ -320,23 +319,12 @@ def test_jax_matches_tensorflow_on_the_same_weights(tmp_path):
     np.savez(tmp_path / "case.npz", w=w, u=u, x=x, g=g)
     results = {}
     for backend in ("jax", "tensorflow"):
-        env = {**os.environ, "KERAS_BACKEND": backend}
-        env.pop("XLA_FLAGS", None)
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.layers.test_deq_layer_any_backend",
-                str(tmp_path / "case.npz"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        stdout = run_module(
+            "tests.layers.test_deq_layer_any_backend",
+            tmp_path / "case.npz",
+            backend=backend,
         )
-        assert run.returncode == 0, run.stderr[-3000:]
-        results[backend] = json.loads(run.stdout.strip().splitlines()[-1])
+        results[backend] = json.loads(stdout.strip().splitlines()[-1])
     for gradient in ("implicit", "phantom", "unrolled"):
         jax_run = results["jax"][gradient]
         tf_run = results["tensorflow"][gradient]
@@ -383,28 +371,15 @@ def test_data_parallel_over_two_devices_trains_as_one(tmp_path, gradient):
     runs = {}
     for devices in (1, 2):
         out = tmp_path / f"{devices}.npz"
-        env = {
-            **os.environ,
-            "KERAS_BACKEND": "jax",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        }
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.layers.test_deq_layer_any_backend",
-                "data_parallel",
-                gradient,
-                str(devices),
-                str(out),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        run_module(
+            "tests.layers.test_deq_layer_any_backend",
+            "data_parallel",
+            gradient,
+            devices,
+            out,
+            backend="jax",
+            xla_flags="--xla_force_host_platform_device_count=2",
         )
-        assert run.returncode == 0, run.stderr[-3000:]
         runs[devices] = dict(np.load(out))
     one, two = runs[1], runs[2]
     assert two["sharded_over"] == 2 and one["sharded_over"] == 1

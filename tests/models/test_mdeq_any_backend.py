@@ -1,8 +1,6 @@
 """MDEQClassifier on every backend, and one `.keras` file across them."""
 
 import json
-import os
-import subprocess
 import sys
 
 import keras
@@ -11,6 +9,7 @@ import numpy as np
 from keras_deq.models import MDEQClassifier
 from tests.any_backend import BACKEND
 from tests.any_backend import gradients
+from tests.any_backend import run_module
 from tests.any_backend import to_numpy
 
 SMALL = dict(
@@ -20,7 +19,6 @@ SMALL = dict(
     input_shape=(16, 16, 3),
     seed=0,
 )
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 
 def images(n, seed=0):
@@ -82,24 +80,13 @@ def test_a_keras_file_predicts_and_trains_alike_on_both_backends(tmp_path):
     np.save(tmp_path / "x.npy", x)
     results = {}
     for backend in ("tensorflow", "jax"):
-        env = {**os.environ, "KERAS_BACKEND": backend}
-        env.pop("XLA_FLAGS", None)
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.models.test_mdeq_any_backend",
-                str(tmp_path / "mdeq.keras"),
-                str(tmp_path / "x.npy"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=ROOT,
+        stdout = run_module(
+            "tests.models.test_mdeq_any_backend",
+            tmp_path / "mdeq.keras",
+            tmp_path / "x.npy",
+            backend=backend,
         )
-        assert run.returncode == 0, run.stderr[-3000:]
-        results[backend] = json.loads(run.stdout.strip().splitlines()[-1])
+        results[backend] = json.loads(stdout.strip().splitlines()[-1])
     here = to_numpy(model.predict(x, verbose=0))
     for result in results.values():
         np.testing.assert_allclose(result["logits"], here, atol=1e-5)
