@@ -1,7 +1,8 @@
 """The reference DEQ cells the benchmarks run, with their inputs.
 
 Fixed definitions (float32, z0 = 0) so that numbers can be compared with other
-DEQ libraries doing identical work:
+DEQ libraries doing identical work. Written with `keras.ops`, they run on
+TensorFlow and JAX:
 
 - mlp: z, x ∈ R^256, batch 128, f(z, x) = tanh(z Wᵀ + x Uᵀ + b) with
   W = 0.9·Q (Q orthogonal), U ~ N(0, 1)/16, b ~ 0.1·N(0, 1).
@@ -17,7 +18,7 @@ DEQ libraries doing identical work:
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_deq.layers import GroupNorm
 
@@ -46,9 +47,9 @@ class MLPCell(keras.layers.Layer):
         )
 
     def call(self, z, x, training=None):
-        return tf.tanh(
-            tf.matmul(z, self.w, transpose_b=True)
-            + tf.matmul(x, self.u, transpose_b=True)
+        return ops.tanh(
+            ops.matmul(z, ops.transpose(self.w))
+            + ops.matmul(x, ops.transpose(self.u))
             + self.b
         )
 
@@ -88,9 +89,9 @@ class ConvCell(keras.layers.Layer):
             layer.build(z_shape)
 
     def call(self, z, x, training=None):
-        h = tf.nn.relu(self.norm1(self.conv1(z)))
+        h = ops.relu(self.norm1(self.conv1(z)))
         h = self.norm2(self.conv2(h))
-        return self.norm3(tf.nn.relu(z + h + x))
+        return self.norm3(ops.relu(z + h + x))
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
@@ -149,8 +150,8 @@ def make(name, batch_size=None, seed=0):
     cls, shape = CELLS[name]
     if batch_size is not None:
         shape = (batch_size,) + shape[1:]
-    x = tf.constant(
-        np.random.default_rng(seed + 1).normal(size=shape), tf.float32
+    x = ops.convert_to_tensor(
+        np.random.default_rng(seed + 1).normal(size=shape), "float32"
     )
     cell = cls(seed=seed)
     cell.build(x.shape, x.shape)
