@@ -163,6 +163,26 @@ def test_exported_model_decodes_incrementally_after_reload(tmp_path):
     assert memory.shape == (3, 10, 32)
 
 
+def test_compiled_decoding_reads_the_weights_as_they_are_now():
+    """After the weights change, `next_token_logits` and `decode_step`
+    (compiled once before the change) give the new model's logits: on JAX
+    the compiled function takes the weights as arguments, not as the
+    constants of its first trace."""
+    model = DEQTransformerLM(VOCAB, **TINY, tol=1e-7, max_iter=100)
+    ids = tokens(length=6)
+    before = to_numpy(model.next_token_logits(ids))
+    model.decode_step(ids)
+    embeddings = model.get_layer("token_embedding").embeddings
+    embeddings.assign(embeddings.value * 2.0)
+    full = to_numpy(model(ids, training=False))
+    scale = np.abs(full).max()
+    after = to_numpy(model.next_token_logits(ids))
+    assert np.abs(after - before).max() > 0.1 * scale
+    np.testing.assert_allclose(after, full[:, -1], atol=1e-5 * scale)
+    logits, _ = model.decode_step(ids)
+    np.testing.assert_allclose(to_numpy(logits), full, atol=1e-4 * scale)
+
+
 def test_decode_step_rejects_bad_input():
     model = DEQTransformerLM(VOCAB, **TINY)
     with pytest.raises(ValueError, match="token_ids"):
