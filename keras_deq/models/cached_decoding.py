@@ -82,8 +82,8 @@ class CachedDecoding:
     def empty_memory(self, batch_size: int):
         """The memory of no positions, `[batch_size, 0, 2 · hidden_dim]`."""
         validation.check_int("batch_size", batch_size, 1)
-        _, dtype, _ = self._memory_spec()
-        return ops.zeros((batch_size, 0, 2 * self.hidden_dim), dtype)
+        (_, _, width), dtype, _ = self._memory_spec()
+        return ops.zeros((batch_size, 0, width), dtype)
 
     def decode_step(self, token_ids, memory=None):
         """Logits of tokens that continue a remembered prefix, and new memory.
@@ -120,8 +120,7 @@ class CachedDecoding:
                 "`token_ids` must be a [batch, length] integer tensor. "
                 f"Received: shape {tuple(ids.shape)}, dtype {dtype}"
             )
-        _, memory_dtype, _ = self._memory_spec()
-        width = 2 * self.hidden_dim
+        (_, _, width), memory_dtype, _ = self._memory_spec()
         if memory is None:
             memory = self.empty_memory(ids.shape[0])
         memory = ops.convert_to_tensor(memory, memory_dtype)
@@ -170,7 +169,7 @@ class CachedDecoding:
             )
         import tensorflow as tf  # a SavedModel is TensorFlow's
 
-        memory_shape, memory_dtype, _ = self._memory_spec()
+        memory_shape, memory_dtype, memory_name = self._memory_spec()
         archive = keras.export.ExportArchive()
         archive.track_and_add_endpoint(
             "serve",
@@ -183,7 +182,7 @@ class CachedDecoding:
             self._decode_step,
             input_signature=[
                 tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-                tf.TensorSpec(memory_shape, memory_dtype, name="memory"),
+                tf.TensorSpec(memory_shape, memory_dtype, name=memory_name),
             ],
         )
         archive.write_out(
