@@ -1,4 +1,4 @@
-"""Backward passes through a fixed point, and the registry of gradient kinds.
+"""Backward passes through a fixed point, and the gradient kinds that use them.
 
 The functions `implicit`, `phantom` and `unrolled` take `f`, mapping a
 `[B, d]` state to `[B, d]` (the DEQ block with its input injection bound),
@@ -6,38 +6,47 @@ and return the DEQ output with the gradient of their kind attached.
 Gradients reach the variables f reads and any tensor f closes over, such as
 the injected input.
 
-`DEQLayer(gradient=name)` looks its kind up here. Every kind has one
-signature, `kind(problem) -> (z, forward)`:
+A gradient kind is an object that owns its settings and is called once per
+`DEQLayer` call, `kind(problem) -> (z, forward)`:
 
 - `problem` is a `Problem`: the block `f` and first iterate `z0` of one
   `DEQLayer` call, per sample, a `solve()` that runs the layer's forward
-  solver (unrecorded) when the kind wants z*, and the layer's settings;
+  solver (unrecorded) when the kind wants z*, the forward solver and its
+  budget;
 - `z` is the `[B, d]` output, carrying the kind's gradient;
 - `forward` is a `SolverResult` for the layer's statistics and its Jacobian
   penalty: `z` the equilibrium without gradient, `nstep` and
   `rel_residual` per solved row.
 
-`register(name, kind)` adds a kind, which `DEQLayer` then accepts by name
-(and saves by name: register it before loading a model that uses it).
+The built-in kinds are `Implicit`, `Reuse`, `Phantom` and `Unrolled`.
+`DEQLayer(gradient=...)` takes one of them, or a name: `"implicit"`,
+`"reuse"`, `"phantom"`, `"unrolled"` (built from the layer's `backward_*`
+and `phantom_*` arguments) or one given to `register`.
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
+import keras
 from keras import ops
 
 from keras_deq import backend as _backend
 from keras_deq import jacobian
+from keras_deq import solvers
 from keras_deq.backend import Tensor
 from keras_deq.solvers import LowRankInverse
 from keras_deq.solvers import SolverResult
 from keras_deq.solvers import _loop
+from keras_deq.utils import validation
 from keras_deq.utils.numerics import norm
 from keras_deq.utils.registry import Registry
 
 
 class Problem(NamedTuple):
     """What a gradient kind gets from one `DEQLayer` call.
+
+    It holds the call, not settings of any kind: those are the kind's own.
 
     Attributes:
         f: the block, mapping a `[B, d]` state to `[B, d]`, one row per
@@ -48,77 +57,190 @@ class Problem(NamedTuple):
             (unrecorded, with the layer's solver, iterations, tolerance and
             `sample_axes`) and returns its `SolverResult`, `z` per sample
             as `[B, d]`. Call it at most once.
-        max_iter: the layer's forward iterations (for a kind that iterates
-            itself, e.g. the unrolled steps).
-        backward_solver: the layer's backward solver, options bound:
-            `backward_solver(g, u0, max_iter, tol, stop_mode)`.
-        backward_max_iter: most iterations of a backward solve.
-        backward_tol: tolerance of a backward solve, relative to ‖∂ℓ/∂z*‖.
-        phantom_steps: the layer's `phantom_steps`.
-        phantom_tau: the layer's `phantom_tau`.
+        solver: the layer's forward solver, its options bound:
+            `solver(g, z0, max_iter, tol, stop_mode)` (the default solver of
+            a kind's own solves).
+        max_iter: the call's forward iterations (the default budget of a
+            kind that iterates itself, e.g. the unrolled steps).
         on_backward: called with the `SolverResult` of a backward solve to
             record the backward statistics, or `None` (not recorded).
         to_rows: maps a `[B, d]` per-sample vector to the rows the forward
             solved (identity unless `sample_axes` > 1), as `solve()`'s
             `inverse` expects them.
         from_rows: the inverse map of `to_rows`.
-
-    Examples:
-
-        A kind reads the layer's settings from the `Problem`, here the
-        implicit gradient with the layer's backward solver and budget:
-
-        ```python
-        def my_implicit(problem):
-            forward = problem.solve()
-            z = keras_deq.gradients.implicit(
-                problem.f,
-                forward.z,
-                problem.backward_solver,
-                problem.backward_max_iter,
-                problem.backward_tol,
-            )
-            return z, forward
-        ```
     """
 
     f: Callable[[Tensor], Tensor]
     z0: Tensor
     solve: Callable[[], SolverResult]
+    solver: Callable[..., SolverResult]
     max_iter: int
-    backward_solver: Callable[..., SolverResult]
-    backward_max_iter: int
-    backward_tol: float
-    phantom_steps: int
-    phantom_tau: float
     on_backward: Callable[[SolverResult], None] | None
     to_rows: Callable[[Tensor], Tensor] = lambda v: v  # noqa: E731
     from_rows: Callable[[Tensor], Tensor] = lambda v: v  # noqa: E731
 
 
-Kind = Callable[[Problem], tuple[Tensor, SolverResult]]
+class GradientKind:
+    """A backward through the fixed point, with the settings it owns.
+
+    Subclasses set their settings in `__init__`, return them from
+    `get_config` (so that a `DEQLayer` using the kind saves it in its
+    config; register the class with
+    `keras.saving.register_keras_serializable` to load it), and implement
+    `__call__(problem) -> (z, forward)` (see the module docstring).
+
+    Attributes:
+        backward_statistics: whether the kind reports backward solves
+            through `problem.on_backward`; a `DEQLayer` using it then
+            tracks the `backward_nfe` and `backward_residual` metrics.
+
+    Examples:
+
+        Three damped phantom steps, with their damping as the kind's own
+        setting:
+
+        ```python
+        class DampedPhantom(keras_deq.gradients.GradientKind):
+            def __init__(self, tau=0.5):
+                self.tau = tau
+
+            def __call__(self, problem):
+                forward = problem.solve()
+                z = keras_deq.gradients.phantom(
+                    problem.f, forward.z, 3, self.tau
+                )
+                return z, forward
+
+            def get_config(self):
+                return {"tau": self.tau}
+
+        layer = keras_deq.DEQLayer(block, gradient=DampedPhantom(0.8))
+        ```
+    """
+
+    backward_statistics = False
+
+    def __call__(self, problem: Problem) -> tuple[Tensor, SolverResult]:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement __call__(problem)."
+        )
+
+    def get_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and (
+            other.get_config() == self.get_config()
+        )
+
+    def __hash__(self):
+        return hash(type(self))
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({settings})"
 
 
-def _implicit_kind(
-    problem: Problem, initial=None
-) -> tuple[Tensor, SolverResult]:
-    """The implicit backward from z*; `initial` maps the forward's result
-    to the backward's first-iterate function (see `implicit`)."""
-    forward = problem.solve()
-    z = implicit(
-        problem.f,
-        forward.z,
-        problem.backward_solver,
-        problem.backward_max_iter,
-        problem.backward_tol,
-        problem.on_backward,
-        initial=None if initial is None else initial(forward),
-    )
-    return z, forward
+@keras.saving.register_keras_serializable(package="keras_deq")
+class Implicit(GradientKind):
+    """The implicit function theorem's gradient: a linear solve at z*.
+
+    See `implicit`. Memory is constant in the forward's iterations.
+
+    Args:
+        solver: solver of the backward's linear fixed point, a name of
+            `keras_deq.solvers`. Defaults to `None` (the layer's forward
+            solver, with its options).
+        max_iter: most vector-Jacobian products, `0` or more (`0`: the
+            incoming gradient itself, Jacobian-free backpropagation).
+            Defaults to `None` (the call's forward `max_iter`).
+        tol: tolerance on the residual relative to ‖∂ℓ/∂z*‖, per sample.
+            Defaults to `1e-4`.
+        solver_options: keyword arguments of `solver`. Defaults to `None`.
+
+    Examples:
+
+        >>> kind = Implicit(solver="anderson", max_iter=12)
+        >>> kind.solver, kind.max_iter, kind.tol
+        ('anderson', 12, 0.0001)
+    """
+
+    backward_statistics = True
+
+    def __init__(
+        self,
+        solver: str | None = None,
+        max_iter: int | None = None,
+        tol: float = 1e-4,
+        solver_options: dict | None = None,
+    ):
+        if solver is not None:
+            solvers.get(solver, "solver")
+            solvers.check_options("solver_options", solver, solver_options)
+        elif solver_options is not None:
+            raise ValueError(
+                "`solver_options` needs a `solver` to apply to (without one "
+                "the backward takes the forward's solver and options). "
+                f"Received: solver=None, solver_options={solver_options!r}"
+            )
+        if max_iter is not None:
+            validation.check_int("max_iter", max_iter, 0)
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = validation.check_positive("tol", tol)
+        self.solver_options = (
+            None if solver_options is None else dict(solver_options)
+        )
+
+    def __call__(self, problem: Problem) -> tuple[Tensor, SolverResult]:
+        forward = problem.solve()
+        z = implicit(
+            problem.f,
+            forward.z,
+            self._solver(problem),
+            problem.max_iter if self.max_iter is None else self.max_iter,
+            self.tol,
+            problem.on_backward,
+            initial=self._initial(problem, forward),
+        )
+        return z, forward
+
+    def _solver(self, problem):
+        if self.solver is None:
+            return problem.solver
+        return functools.partial(
+            solvers.get(self.solver), **(self.solver_options or {})
+        )
+
+    def _initial(self, problem, forward):
+        """The backward's first iterate as a function of the unit-norm
+        incoming gradient, or `None` (the gradient itself)."""
+        return None
+
+    def get_config(self) -> dict:
+        return {
+            "solver": self.solver,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "solver_options": self.solver_options,
+        }
 
 
-def _reuse_kind(problem: Problem) -> tuple[Tensor, SolverResult]:
-    def estimate(forward):
+@keras.saving.register_keras_serializable(package="keras_deq")
+class Reuse(Implicit):
+    """The implicit gradient started from the forward Broyden solve's
+    estimate of (I − J)⁻ᵀ (SHINE), refined by at most `max_iter`
+    iterations (`0`: the estimate alone).
+
+    It needs `solver="broyden"` in the layer, and keeps the forward's
+    history until the backward. Arguments as `Implicit`.
+    """
+
+    def _initial(self, problem, forward):
         inverse = forward.inverse
         if not isinstance(inverse, LowRankInverse):
             raise ValueError(
@@ -131,85 +253,181 @@ def _reuse_kind(problem: Problem) -> tuple[Tensor, SolverResult]:
             inverse.transpose_matvec(problem.to_rows(g))
         )
 
-    return _implicit_kind(problem, estimate)
+
+@keras.saving.register_keras_serializable(package="keras_deq")
+class Phantom(GradientKind):
+    """`steps` damped steps from z*, backpropagated (see `phantom`): no
+    linear solve; with one undamped step, Jacobian-free backpropagation.
+
+    Args:
+        steps: number of steps, at least 1. Defaults to `1`.
+        tau: damping τ in (0, 1]. Defaults to `1.0`.
+    """
+
+    def __init__(self, steps: int = 1, tau: float = 1.0):
+        self.steps = validation.check_int("steps", steps, 1)
+        validation.check_range("tau", tau, 0, 1, low_open=True)
+        self.tau = float(tau)
+
+    def __call__(self, problem: Problem) -> tuple[Tensor, SolverResult]:
+        forward = problem.solve()
+        return phantom(problem.f, forward.z, self.steps, self.tau), forward
+
+    def get_config(self) -> dict:
+        return {"steps": self.steps, "tau": self.tau}
 
 
-def _phantom_kind(problem: Problem) -> tuple[Tensor, SolverResult]:
-    forward = problem.solve()
-    z = phantom(
-        problem.f, forward.z, problem.phantom_steps, problem.phantom_tau
+@keras.saving.register_keras_serializable(package="keras_deq")
+class Unrolled(GradientKind):
+    """Backpropagation through `steps` plain iterations from the first
+    iterate (see `unrolled`); memory grows with `steps`.
+
+    Args:
+        steps: iterations, at least 1. Defaults to `None` (the call's
+            forward `max_iter`).
+    """
+
+    def __init__(self, steps: int | None = None):
+        if steps is not None:
+            validation.check_int("steps", steps, 1)
+        self.steps = steps
+
+    def __call__(self, problem: Problem) -> tuple[Tensor, SolverResult]:
+        steps = problem.max_iter if self.steps is None else self.steps
+        z, previous = unrolled(problem.f, problem.z0, steps)
+        abs_res, rel_res = _loop.residuals(previous, z)
+        nstep = ops.full(ops.shape(rel_res), steps, "int32")
+        forward = SolverResult(ops.stop_gradient(z), nstep, abs_res, rel_res)
+        return z, forward
+
+    def get_config(self) -> dict:
+        return {"steps": self.steps}
+
+
+class _Function(GradientKind):
+    """A registered function `Problem -> (z, forward)` as a kind."""
+
+    # Two registered functions are the same kind only if they are one.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self, function, backward_statistics):
+        self.function = function
+        self.backward_statistics = backward_statistics
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.function!r})"
+
+    def __call__(self, problem: Problem) -> tuple[Tensor, SolverResult]:
+        return self.function(problem)
+
+
+class LayerSettings(NamedTuple):
+    """The `DEQLayer` arguments a kind named by a string is built from."""
+
+    backward_solver: str | None = None
+    backward_max_iter: int | None = None
+    backward_tol: float = 1e-4
+    backward_solver_options: dict | None = None
+    phantom_steps: int = 1
+    phantom_tau: float = 1.0
+
+
+def _implicit_from(settings: LayerSettings, kind=Implicit) -> Implicit:
+    return kind(
+        settings.backward_solver,
+        settings.backward_max_iter,
+        settings.backward_tol,
+        settings.backward_solver_options,
     )
-    return z, forward
 
 
-def _unrolled_kind(problem: Problem) -> tuple[Tensor, SolverResult]:
-    z, previous = unrolled(problem.f, problem.z0, problem.max_iter)
-    abs_res, rel_res = _loop.residuals(previous, z)
-    nstep = ops.full(ops.shape(rel_res), problem.max_iter, "int32")
-    forward = SolverResult(ops.stop_gradient(z), nstep, abs_res, rel_res)
-    return z, forward
-
-
-class _Entry(NamedTuple):
-    kind: Kind
-    backward_statistics: bool
-
-
+# Name -> a function of the layer's settings that builds the kind.
 _REGISTRY = Registry(
     "gradient kind",
     "keras_deq.gradients.register",
     {
-        "implicit": _Entry(_implicit_kind, True),
-        "phantom": _Entry(_phantom_kind, False),
-        "reuse": _Entry(_reuse_kind, True),
-        "unrolled": _Entry(_unrolled_kind, False),
+        "implicit": _implicit_from,
+        "phantom": lambda s: Phantom(s.phantom_steps, s.phantom_tau),
+        "reuse": functools.partial(_implicit_from, kind=Reuse),
+        "unrolled": lambda s: Unrolled(),
     },
 )
 
 
-def get(name: str) -> Kind:
-    """Returns the gradient kind registered under `name`.
+def get(
+    gradient,
+    settings: LayerSettings | None = None,
+    argument: str = "gradient",
+) -> GradientKind:
+    """The gradient kind that `gradient` names.
 
     Args:
-        name: `"implicit"`, `"reuse"`, `"phantom"`, `"unrolled"` or a name
-            given to `register`.
+        gradient: a `GradientKind` (returned as it is), its serialized
+            config (a dict, as `DEQLayer.get_config` saves it), or a name:
+            `"implicit"`, `"reuse"`, `"phantom"`, `"unrolled"` or one given
+            to `register`.
+        settings: the `LayerSettings` a named built-in kind is made with.
+            Defaults to `None` (`LayerSettings()`, the layer's defaults).
+        argument: the argument's name, for the error.
 
     Returns:
-        The kind, a function `Problem -> (z, forward SolverResult)`.
+        The kind, `kind(problem) -> (z, forward SolverResult)`.
+
+    Raises:
+        ValueError: an unknown name, naming `argument`.
 
     Examples:
 
-        >>> callable(get("implicit"))
-        True
+        >>> get("phantom", LayerSettings(phantom_steps=3))
+        Phantom(steps=3, tau=1.0)
     """
-    return _REGISTRY.get(name, "gradient").kind
+    if isinstance(gradient, dict):
+        gradient = keras.saving.deserialize_keras_object(gradient)
+    if isinstance(gradient, GradientKind):
+        return gradient
+    if isinstance(gradient, str) or not callable(gradient):
+        build = _REGISTRY.get(gradient, argument)
+        return build(LayerSettings() if settings is None else settings)
+    raise TypeError(
+        f"`{argument}` must be a gradient kind's name or a "
+        "keras_deq.gradients.GradientKind (register a function with "
+        f"keras_deq.gradients.register). Received: {argument}={gradient!r}"
+    )
 
 
-def reports_backward(name: str) -> bool:
-    """Whether kind `name` records backward statistics (`on_backward`)."""
-    return _REGISTRY.get(name, "gradient").backward_statistics
+def reports_backward(gradient) -> bool:
+    """Whether `gradient` (a name or kind) records backward statistics."""
+    return get(gradient).backward_statistics
 
 
-def check(argument: str, name: str) -> str:
-    """Checks that `name` is a registered kind; the error names `argument`."""
-    _REGISTRY.get(name, argument)
-    return name
+def check(argument: str, gradient):
+    """Checks `gradient` as `get` does (the error names `argument`); returns
+    it as given, or as a `GradientKind` if it was a serialized one."""
+    kind = get(gradient, argument=argument)
+    return kind if isinstance(gradient, dict) else gradient
 
 
-def register(
-    name: str, kind: Kind, *, backward_statistics: bool = False
-) -> None:
+def serialize(gradient):
+    """A name as it is; a kind as its Keras config."""
+    if isinstance(gradient, str):
+        return gradient
+    return keras.saving.serialize_keras_object(gradient)
+
+
+def register(name: str, kind, *, backward_statistics: bool = False) -> None:
     """Makes `kind` available to `get` and `DEQLayer(gradient=name)`.
 
     Args:
         name: the new name; it must not be taken already.
-        kind: a function `Problem -> (z, forward)`: `z` the `[B, d]` output
-            carrying the gradient, `forward` a `SolverResult` whose `z` is
-            the equilibrium without gradient (see the module docstring).
-        backward_statistics: whether the kind reports backward solves
-            through `problem.on_backward`; a `DEQLayer` using it then tracks
-            the `backward_nfe` and `backward_residual` metrics. Defaults to
-            `False`.
+        kind: a `GradientKind`, or a function `Problem -> (z, forward)`:
+            `z` the `[B, d]` output carrying the gradient, `forward` a
+            `SolverResult` whose `z` is the equilibrium without gradient
+            (see the module docstring).
+        backward_statistics: for a function, whether it reports backward
+            solves through `problem.on_backward`; a `DEQLayer` using it then
+            tracks the `backward_nfe` and `backward_residual` metrics. A
+            `GradientKind` says so itself. Defaults to `False`.
 
     Examples:
 
@@ -223,9 +441,14 @@ def register(
         layer = keras_deq.DEQLayer(block, gradient="damped_phantom")
         ```
     """
-    if not callable(kind):
-        raise TypeError(f"`kind` must be callable. Received: kind={kind!r}")
-    _REGISTRY.add(name, _Entry(kind, bool(backward_statistics)))
+    if not isinstance(kind, GradientKind):
+        if not callable(kind):
+            raise TypeError(
+                f"`kind` must be a GradientKind or callable. Received: "
+                f"kind={kind!r}"
+            )
+        kind = _Function(kind, bool(backward_statistics))
+    _REGISTRY.add(name, lambda settings: kind)
 
 
 def names() -> list[str]:

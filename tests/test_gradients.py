@@ -361,7 +361,7 @@ def test_registry_refuses_bad_registrations():
     assert {"implicit", "phantom", "unrolled", DENSE} <= set(gradients.names())
     with pytest.raises(ValueError, match=r"already registered as 'implicit'"):
         gradients.register("implicit", dense_implicit)
-    with pytest.raises(TypeError, match=r"`kind` must be callable"):
+    with pytest.raises(TypeError, match=r"must be a GradientKind or callable"):
         gradients.register("test_not_callable", 3)
     with pytest.raises(ValueError, match=r"non-empty string"):
         gradients.register("", dense_implicit)

@@ -95,8 +95,12 @@ class DEQLayer(
             (`phantom_steps` damped steps from z*, no linear solve) or
             `"unrolled"` (`max_iter` plain iterations from the initial state,
             backpropagated through; for pretraining and checks), or a kind
-            registered with `keras_deq.gradients.register`. Defaults to
-            `"implicit"`.
+            registered with `keras_deq.gradients.register`: each built from
+            this layer's `backward_*` and `phantom_*` arguments. Or a
+            `keras_deq.gradients.GradientKind` with settings of its own
+            (`Implicit(solver=..., max_iter=..., tol=...)`,
+            `Phantom(steps=..., tau=...)`, `Reuse`, `Unrolled(steps=...)`),
+            which those arguments do not touch. Defaults to `"implicit"`.
         phantom_steps: steps of the phantom gradient. Defaults to `1`.
         phantom_tau: damping τ of the phantom steps, in (0, 1]. Defaults to
             `1.0`.
@@ -203,7 +207,7 @@ class DEQLayer(
         backward_solver: str | None = None,
         backward_max_iter: int | None = None,
         backward_tol: float = 1e-4,
-        gradient: str = "implicit",
+        gradient: str | gradients.GradientKind = "implicit",
         phantom_steps: int = 1,
         phantom_tau: float = 1.0,
         jac_weight: float = 0.0,
@@ -236,7 +240,7 @@ class DEQLayer(
         if backward_max_iter is not None:
             validation.check_int("backward_max_iter", backward_max_iter, 0)
         validation.check_positive("backward_tol", backward_tol)
-        gradients.check("gradient", gradient)
+        gradient = gradients.check("gradient", gradient)
         validation.check_int("phantom_steps", phantom_steps, 1)
         validation.check_range("phantom_tau", phantom_tau, 0, 1, low_open=True)
         validation.check_int("sample_axes", sample_axes, 1)
@@ -283,7 +287,15 @@ class DEQLayer(
         self.sample_axes = sample_axes
         self.solver_options = solver_options
         self.backward_solver_options = backward_solver_options
-        self._backward_options = backward_options
+        # What a kind named by a string is built from.
+        self._gradient_settings = gradients.LayerSettings(
+            backward_solver or solver,
+            backward_max_iter,
+            backward_tol,
+            backward_options,
+            phantom_steps,
+            phantom_tau,
+        )
         # γ and p live in the penalty's variables, and only there.
         self.jacobian_penalty = JacobianPenalty(
             jac_weight,
@@ -381,7 +393,8 @@ class DEQLayer(
             return self._solve_per_sample(x, z0, training, noise, max_iter, tol)
 
         problem = self._problem(f, flattener, z0, solve, max_iter, training)
-        z, forward = gradients.get(gradient)(problem)
+        kind = gradients.get(gradient, self._gradient_settings)
+        z, forward = kind(problem)
         self._add_losses(f, problem.z0, z, forward, training)
         self._record_forward(forward)
         return flattener.unflatten(z)
@@ -403,19 +416,10 @@ class DEQLayer(
             f=f,
             z0=flattener.flatten(z0),
             solve=solve,
+            solver=functools.partial(
+                solvers.get(self.solver), **self.solver_options
+            ),
             max_iter=max_iter,
-            backward_solver=functools.partial(
-                solvers.get(self.backward_solver or self.solver),
-                **self._backward_options,
-            ),
-            backward_max_iter=(
-                max_iter
-                if self.backward_max_iter is None
-                else self.backward_max_iter
-            ),
-            backward_tol=self.backward_tol,
-            phantom_steps=self.phantom_steps,
-            phantom_tau=self.phantom_tau,
             # Backward statistics describe training; outside it the
             # gradient function must capture no metric variables, since a
             # SavedModel serializes it with the forward.
@@ -471,7 +475,7 @@ class DEQLayer(
                 "backward_solver": self.backward_solver,
                 "backward_max_iter": self.backward_max_iter,
                 "backward_tol": self.backward_tol,
-                "gradient": self.gradient,
+                "gradient": gradients.serialize(self.gradient),
                 "phantom_steps": self.phantom_steps,
                 "phantom_tau": self.phantom_tau,
                 **self.jacobian_penalty.settings(),

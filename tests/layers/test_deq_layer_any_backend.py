@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from keras_deq import DEQLayer
+from keras_deq import gradients as kinds
 from keras_deq import solvers
 from tests.any_backend import BACKEND
 from tests.any_backend import COMPILE_MODES
+from tests.any_backend import TanhCell
 from tests.any_backend import compiled
 from tests.any_backend import contraction
 from tests.any_backend import gradients
@@ -123,12 +125,134 @@ def test_parameter_gradients_follow_the_implicit_function_theorem(gradient):
         np.testing.assert_allclose(to_numpy(got), want, rtol=1e-7, atol=1e-9)
 
 
-def test_the_phantom_gradient_is_one_step_from_the_fixed_point():
-    # One undamped phantom step: f(z*) with z* constant, so ∂/∂W =
-    # z*ᵀ (g ⊙ s) and ∂/∂U = xᵀ (g ⊙ s), s = 1 − z*².
+# Kinds as objects own their settings; the layer's `backward_*` arguments,
+# set here to what would spoil the gradient, do not reach them.
+OWN_SETTINGS = {
+    "implicit": (
+        kinds.Implicit(solver="anderson", max_iter=200, tol=1e-10),
+        dict(backward_max_iter=1, backward_tol=0.5),
+    ),
+    "reuse": (
+        kinds.Reuse(max_iter=200, tol=1e-10),
+        dict(backward_max_iter=0),
+    ),
+    "unrolled": (kinds.Unrolled(steps=150), dict(max_iter=2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_SETTINGS))
+def test_a_gradient_object_uses_its_own_settings(name):
+    kind, spoilers = OWN_SETTINGS[name]
+    w, u, x = problem(1)
+    g = np.random.default_rng(2).normal(size=(BATCH, DIM))
+    layer = layer_for(w, u, gradient=kind, **spoilers)
+    layer(x)
+    grads = gradients(
+        lambda: keras.ops.sum(layer(x, training=True) * g),
+        [layer.block.w, layer.block.u],
+    )
+    for got, want in zip(grads, implicit_gradients(w, u, x, g), strict=True):
+        np.testing.assert_allclose(to_numpy(got), want, rtol=1e-7, atol=1e-9)
+    # The same spoilers with the kind's name do spoil it.
+    named = layer_for(w, u, gradient=name, **spoilers)
+    named(x)
+    spoilt = gradients(
+        lambda: keras.ops.sum(named(x, training=True) * g),
+        [named.block.w, named.block.u],
+    )
+    assert np.abs(to_numpy(spoilt[0]) - to_numpy(grads[0])).max() > 1e-4
+
+
+def test_a_phantom_object_takes_its_steps_and_damping():
+    """Phantom(steps=2, tau=0.5) against the two damped steps from z*
+    written out on the backend, not the layer's `phantom_steps`."""
     w, u, x = problem(3)
     g = np.random.default_rng(4).normal(size=(BATCH, DIM))
-    layer = layer_for(w, u, gradient="phantom")
+    layer = layer_for(w, u, gradient=kinds.Phantom(steps=2, tau=0.5))
+    layer(x)
+    block = layer.block
+    z_star = keras.ops.convert_to_tensor(fixed_point(w, u, x))
+
+    def by_hand(steps):
+        z = z_star
+        for _ in range(steps):
+            z = 0.5 * block(z, x) + 0.5 * z
+        return keras.ops.sum(z * g)
+
+    variables = [block.w, block.u]
+    got = gradients(
+        lambda: keras.ops.sum(layer(x, training=True) * g), variables
+    )
+    want = gradients(lambda: by_hand(2), variables)
+    one_step = gradients(lambda: by_hand(1), variables)
+    for a, b, c in zip(got, want, one_step, strict=True):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-9)
+        assert np.abs(to_numpy(a) - to_numpy(c)).max() > 1e-3
+
+
+def test_a_gradient_object_round_trips_through_the_config():
+    kind = kinds.Reuse(max_iter=3, tol=1e-6)
+    layer = DEQLayer(TanhCell(units=DIM), gradient=kind)
+    config = json.loads(json.dumps(layer.get_config()))
+    restored = DEQLayer.from_config(config)
+    assert restored.gradient == kind
+    assert restored.gradient is not kind
+    assert restored.gradient != kinds.Reuse(max_iter=4, tol=1e-6)
+    # Its backward statistics come with it; a phantom object has none.
+    assert hasattr(restored, "backward_nfe")
+    phantom = DEQLayer(TanhCell(units=DIM), gradient=kinds.Phantom())
+    assert not hasattr(phantom, "backward_nfe")
+    # A name stays a name.
+    named = DEQLayer(TanhCell(units=DIM), gradient="reuse")
+    assert DEQLayer.from_config(named.get_config()).gradient == "reuse"
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: kinds.Implicit(max_iter=-1), ValueError, r"max_iter=-1"),
+        (lambda: kinds.Implicit(tol=0.0), ValueError, r"tol=0.0"),
+        (lambda: kinds.Implicit(solver="lbfgs"), ValueError, r"solver='lbfgs'"),
+        (
+            lambda: kinds.Implicit(solver_options={"m": 5}),
+            ValueError,
+            r"solver_options.*needs a `solver`",
+        ),
+        (
+            lambda: kinds.Implicit("anderson", solver_options={"x": 1}),
+            TypeError,
+            r"solver_options.*\['x'\]",
+        ),
+        (lambda: kinds.Phantom(steps=0), ValueError, r"steps=0"),
+        (lambda: kinds.Phantom(tau=1.5), ValueError, r"tau=1.5"),
+        (lambda: kinds.Unrolled(steps=0), ValueError, r"steps=0"),
+        (
+            lambda: DEQLayer(TanhBlock(), gradient=lambda problem: problem),
+            TypeError,
+            r"`gradient` must be a gradient kind's name or a .*GradientKind",
+        ),
+        (
+            lambda: DEQLayer(TanhBlock(), gradient="phantom2"),
+            ValueError,
+            r"`gradient` must be one of .*gradient='phantom2'",
+        ),
+    ],
+)
+def test_bad_gradient_objects_are_refused(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+@pytest.mark.parametrize("gradient", ["phantom", "implicit_0"])
+def test_the_phantom_gradient_is_one_step_from_the_fixed_point(gradient):
+    # One undamped phantom step, or an implicit backward of no iterations:
+    # f(z*) with z* constant, so ∂/∂W = z*ᵀ (g ⊙ s) and ∂/∂U = xᵀ (g ⊙ s),
+    # s = 1 − z*².
+    w, u, x = problem(3)
+    g = np.random.default_rng(4).normal(size=(BATCH, DIM))
+    if gradient == "implicit_0":
+        gradient = kinds.Implicit(max_iter=0)
+    layer = layer_for(w, u, gradient=gradient)
     layer(x)
     grads = gradients(
         lambda: keras.ops.sum(layer(x, training=True) * g),

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_deq import gradients
 from keras_deq.models import DEQTransformerLM
 from keras_deq.models import MDEQClassifier
 
@@ -74,6 +75,23 @@ def test_float64_model_with_non_default_deq_settings_round_trips(
     assert loaded.get_config() == model.get_config()
     np.testing.assert_allclose(
         loaded.predict(inputs, verbose=0), out, rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_gradient_object_round_trips_with_the_model(name, tmp_path):
+    build, inputs = CASES[name]
+    kind = gradients.Phantom(steps=2, tau=0.5)
+    model = build(gradient=kind)
+    assert model.deq.gradient is kind
+    out = model.predict(inputs, verbose=0)
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.deq.gradient == kind
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_allclose(
+        loaded.predict(inputs, verbose=0), out, atol=1e-6
     )
 
 
