@@ -68,6 +68,24 @@ class Problem(NamedTuple):
             solved (identity unless `sample_axes` > 1), as `solve()`'s
             `inverse` expects them.
         from_rows: the inverse map of `to_rows`.
+
+    Examples:
+
+        A kind reads the call from the `Problem` and its settings from
+        itself, here the implicit gradient with a budget of its own:
+
+        ```python
+        class ShortImplicit(keras_deq.gradients.GradientKind):
+            backward_statistics = True
+
+            def __call__(self, problem):
+                forward = problem.solve()
+                z = keras_deq.gradients.implicit(
+                    problem.f, forward.z, problem.solver, 5, 1e-3,
+                    problem.on_backward,
+                )
+                return z, forward
+        ```
     """
 
     f: Callable[[Tensor], Tensor]
@@ -238,6 +256,11 @@ class Reuse(Implicit):
 
     It needs `solver="broyden"` in the layer, and keeps the forward's
     history until the backward. Arguments as `Implicit`.
+
+    Examples:
+
+        >>> Reuse(max_iter=0).max_iter  # the forward's estimate alone
+        0
     """
 
     def _initial(self, problem, forward):
@@ -262,6 +285,11 @@ class Phantom(GradientKind):
     Args:
         steps: number of steps, at least 1. Defaults to `1`.
         tau: damping τ in (0, 1]. Defaults to `1.0`.
+
+    Examples:
+
+        >>> Phantom(steps=3, tau=0.8)
+        Phantom(steps=3, tau=0.8)
     """
 
     def __init__(self, steps: int = 1, tau: float = 1.0):
@@ -285,6 +313,11 @@ class Unrolled(GradientKind):
     Args:
         steps: iterations, at least 1. Defaults to `None` (the call's
             forward `max_iter`).
+
+    Examples:
+
+        >>> Unrolled(steps=5).get_config()
+        {'steps': 5}
     """
 
     def __init__(self, steps: int | None = None):
@@ -323,7 +356,13 @@ class _Function(GradientKind):
 
 
 class LayerSettings(NamedTuple):
-    """The `DEQLayer` arguments a kind named by a string is built from."""
+    """The `DEQLayer` arguments a kind named by a string is built from.
+
+    Examples:
+
+        >>> get("implicit", LayerSettings(backward_max_iter=4)).max_iter
+        4
+    """
 
     backward_solver: str | None = None
     backward_max_iter: int | None = None
