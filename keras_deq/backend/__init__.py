@@ -43,6 +43,16 @@ if BACKEND == "tensorflow":
     from keras_deq.backend import tensorflow as _impl
 elif BACKEND == "jax":
     from keras_deq.backend import jax as _impl
+elif BACKEND == "torch":
+    raise ImportError(
+        f"keras_deq runs on the Keras backends {list(SUPPORTED)}, not yet on "
+        "'torch'. Tried with torch 2.13.0 and Keras 3.15: the implicit "
+        "gradient holds there, but Keras computes float64 in float32 on "
+        "PyTorch (its type promotion), so the float64 checks against "
+        "finite differences cannot run, and DEQTransformerLM's cached "
+        "decoding and export fail. Set the environment variable "
+        "KERAS_BACKEND to 'tensorflow' or 'jax' before importing keras."
+    )
 else:
     raise ImportError(
         f"keras_deq runs on the Keras backends {list(SUPPORTED)}, but Keras "

@@ -6,6 +6,8 @@ gradients are computed here in numpy, independently of the layer.
 """
 
 import json
+import os
+import subprocess
 import sys
 
 import keras
@@ -118,7 +120,7 @@ def test_parameter_gradients_follow_the_implicit_function_theorem(gradient):
     layer(x)
     block = layer.block
     grads = gradients(
-        lambda: keras.ops.sum(layer(x, training=True) * g),
+        lambda: keras.ops.sum(keras.ops.multiply(layer(x, training=True), g)),
         [block.w, block.u],
     )
     for got, want in zip(grads, implicit_gradients(w, u, x, g), strict=True):
@@ -148,7 +150,7 @@ def test_a_gradient_object_uses_its_own_settings(name):
     layer = layer_for(w, u, gradient=kind, **spoilers)
     layer(x)
     grads = gradients(
-        lambda: keras.ops.sum(layer(x, training=True) * g),
+        lambda: keras.ops.sum(keras.ops.multiply(layer(x, training=True), g)),
         [layer.block.w, layer.block.u],
     )
     for got, want in zip(grads, implicit_gradients(w, u, x, g), strict=True):
@@ -157,7 +159,7 @@ def test_a_gradient_object_uses_its_own_settings(name):
     named = layer_for(w, u, gradient=name, **spoilers)
     named(x)
     spoilt = gradients(
-        lambda: keras.ops.sum(named(x, training=True) * g),
+        lambda: keras.ops.sum(keras.ops.multiply(named(x, training=True), g)),
         [named.block.w, named.block.u],
     )
     assert np.abs(to_numpy(spoilt[0]) - to_numpy(grads[0])).max() > 1e-4
@@ -177,11 +179,12 @@ def test_a_phantom_object_takes_its_steps_and_damping():
         z = z_star
         for _ in range(steps):
             z = 0.5 * block(z, x) + 0.5 * z
-        return keras.ops.sum(z * g)
+        return keras.ops.sum(keras.ops.multiply(z, g))
 
     variables = [block.w, block.u]
     got = gradients(
-        lambda: keras.ops.sum(layer(x, training=True) * g), variables
+        lambda: keras.ops.sum(keras.ops.multiply(layer(x, training=True), g)),
+        variables,
     )
     want = gradients(lambda: by_hand(2), variables)
     one_step = gradients(lambda: by_hand(1), variables)
@@ -255,7 +258,7 @@ def test_the_phantom_gradient_is_one_step_from_the_fixed_point(gradient):
     layer = layer_for(w, u, gradient=gradient)
     layer(x)
     grads = gradients(
-        lambda: keras.ops.sum(layer(x, training=True) * g),
+        lambda: keras.ops.sum(keras.ops.multiply(layer(x, training=True), g)),
         [layer.block.w, layer.block.u],
     )
     z = fixed_point(w, u, x)
@@ -271,7 +274,10 @@ def test_input_gradients_follow_the_implicit_function_theorem():
     layer = layer_for(w, u)
     x_var = keras.Variable(x, dtype="float64")
     (grad_x,) = gradients(
-        lambda: keras.ops.sum(layer(x_var.value, training=True) * g), [x_var]
+        lambda: keras.ops.sum(
+            keras.ops.multiply(layer(x_var.value, training=True), g)
+        ),
+        [x_var],
     )
     z = fixed_point(w, u, x)
     want = np.zeros_like(x)
@@ -432,6 +438,20 @@ def test_fit_learns_and_the_loss_holds_the_penalty():
     assert (
         model.evaluate(x, y, verbose=0, return_dict=True)["loss"] < losses[-1]
     )
+
+
+def test_another_backend_gets_an_error_naming_the_supported_ones():
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import keras_deq"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "ImportError: keras_deq runs on the Keras backends" in done.stderr
+    assert "['tensorflow', 'jax'], but Keras is using 'numpy'" in done.stderr
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="compares against TensorFlow")
