@@ -38,8 +38,8 @@ from absl import flags  # noqa: E402
 
 from benchmarks import cells  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from benchmarks.cells import make_layer  # noqa: E402
 from benchmarks.steps import gradient_function  # noqa: E402
-from benchmarks.steps import make_layer  # noqa: E402
 from benchmarks.steps import step_function  # noqa: E402
 
 # (forward solver, benchmarks.steps mode) per configuration.

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+import keras_deq
 from keras_deq.layers import GroupNorm
 
 
@@ -156,3 +157,38 @@ def make(name, batch_size=None, seed=0):
     cell = cls(seed=seed)
     cell.build(x.shape, x.shape)
     return cell, x
+
+
+# Per mode, the DEQLayer arguments over the step's own. The reuse modes
+# start the backward from the forward Broyden's estimate and refine it
+# with 0, 2 or 4 iterations.
+MODES = {
+    "implicit": dict(gradient="implicit"),
+    "reuse0": dict(gradient="reuse", backward_max_iter=0),
+    "reuse2": dict(gradient="reuse", backward_max_iter=2),
+    "reuse4": dict(gradient="reuse", backward_max_iter=4),
+    "phantom": dict(gradient="phantom", phantom_steps=1),
+    "unrolled": dict(gradient="unrolled"),
+}
+
+
+def make_layer(
+    cell, x, mode, solver, iters, jacobian=False, solver_options=None, **extra
+):
+    """The benchmarks' DEQLayer: exactly `iters` forward evaluations (a
+    tolerance that never triggers), and as many backward iterations unless
+    the mode or `extra` says otherwise."""
+    settings = dict(
+        solver=solver,
+        solver_options=solver_options,
+        max_iter=iters,
+        tol=1e-30,
+        backward_max_iter=iters,
+        backward_tol=1e-30,
+        jac_weight=1.0 if jacobian else 0.0,
+        jac_freq=1.0,
+        jac_samples=1,
+    )
+    layer = keras_deq.DEQLayer(cell, **{**settings, **MODES[mode], **extra})
+    layer.build(x.shape)
+    return layer

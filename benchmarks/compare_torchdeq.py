@@ -1,5 +1,6 @@
-r"""keras_deq side by side with TorchDEQ: the same cells, weights, inputs
-and iteration counts, timed alternately in one run.
+r"""keras_deq (on TensorFlow and on JAX) side by side with TorchDEQ: the
+same cells, weights, inputs and iteration counts, timed alternately in one
+run.
 
     python -m venv /opt/torchdeq
     /opt/torchdeq/bin/pip install torch==2.13.0 torchdeq==0.1.0
@@ -10,7 +11,10 @@ and iteration counts, timed alternately in one run.
 TorchDEQ runs in its own interpreter (`--torch_python`; by default this
 one), in a worker process (`benchmarks/torchdeq_worker.py`, which imports
 torch, torchdeq and NumPy only) that this script drives over a pipe, so
-torch stays out of the project's environment. If that interpreter cannot
+torch stays out of the project's environment. keras_deq on JAX runs in a
+second worker (`benchmarks/jax_worker.py`, this interpreter with
+`KERAS_BACKEND=jax`; `--nojax` leaves it out), since a process has one
+Keras backend. If that interpreter cannot
 import torch and torchdeq, the script says how to install them and exits
 with status 0 without timing anything.
 
@@ -19,9 +23,11 @@ weights, its input x, a test state z and the loss weights R. Before
 timing, the script checks that both libraries do the same arithmetic, and
 stops if they do not: f(z, x), the `--iters`-step fixed-point iterate from
 0, and the parameter gradient of the unrolled step (backpropagation through
-the same `--iters` plain steps) must agree to `--check_tol` (relative).
+the same `--iters` plain steps) must agree to `--check_tol` (relative),
+between TensorFlow and TorchDEQ and between TensorFlow and JAX.
 
-Then every row is timed alternately, keras_deq then TorchDEQ, `--repeats`
+Then every row is timed alternately, keras_deq on TensorFlow, TorchDEQ,
+keras_deq on JAX (each compiled: `tf.function`, `jax.jit`), `--repeats`
 calls after `--warmup` untimed ones, medians:
 
 - one f;
@@ -37,8 +43,8 @@ calls after `--warmup` untimed ones, medians:
   TorchDEQ does not have: their ratio is to TorchDEQ's implicit Anderson
   step, the reference of the step-time target.
 
-The ratio column is keras_deq ÷ TorchDEQ (below 1: keras_deq is faster).
-Writes everything to `--output` (JSON).
+The ratio columns are keras_deq ÷ TorchDEQ on each backend (below 1:
+keras_deq is faster). Writes everything to `--output` (JSON).
 """
 
 import os
@@ -58,13 +64,14 @@ from absl import flags  # noqa: E402
 
 from benchmarks import cells  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from benchmarks.cells import make_layer  # noqa: E402
 from benchmarks.steps import gradient_function  # noqa: E402
-from benchmarks.steps import make_layer  # noqa: E402
 from benchmarks.steps import step_function  # noqa: E402
 
 WORKER = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "torchdeq_worker.py"
 )
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = (
     "python -m venv /opt/torchdeq && /opt/torchdeq/bin/pip install "
     "torch==2.13.0 torchdeq==0.1.0, then pass "
@@ -94,6 +101,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Override each cell's batch size."
 )
 _REUSE = flags.DEFINE_bool("reuse", True, "Time the reuse steps too.")
+_JAX = flags.DEFINE_bool("jax", True, "Time keras_deq on JAX too.")
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python",
     sys.executable,
@@ -111,15 +119,18 @@ _OUTPUT = flags.DEFINE_string(
 )
 
 
-class TorchDEQ:
-    """The worker process, one JSON request and answer per line."""
+class Worker:
+    """A worker process, one JSON request and answer per line."""
 
-    def __init__(self, python):
+    def __init__(self, command, name, env=None):
+        self.name = name
         self.process = subprocess.Popen(
-            [python, WORKER],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
+            cwd=ROOT,
         )
 
     def __call__(self, op, **request):
@@ -127,10 +138,14 @@ class TorchDEQ:
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError("The TorchDEQ worker exited; see its stderr.")
+            raise RuntimeError(
+                f"The {self.name} worker exited; see its stderr."
+            )
         answer = json.loads(line)
         if "error" in answer:
-            raise RuntimeError(f"The TorchDEQ worker failed: {answer['error']}")
+            raise RuntimeError(
+                f"The {self.name} worker failed: {answer['error']}"
+            )
         return answer
 
     def close(self):
@@ -167,9 +182,17 @@ def keras_names(cell, variables):
     return [v.path[v.path.index(prefix) + len(prefix) :] for v in variables]
 
 
-def check_arithmetic(name, cell, x, z, r, worker, directory):
-    """Sends the cell to the worker; the relative differences of f, the
-    fixed-point iterate and the unrolled gradient."""
+def jax_worker():
+    """keras_deq on JAX, in this interpreter under `KERAS_BACKEND=jax`."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    command = [sys.executable, "-m", "benchmarks.jax_worker"]
+    return Worker(command, "JAX", env)
+
+
+def check_arithmetic(name, cell, x, z, r, workers, directory):
+    """Sends the cell to the workers; per worker, the relative differences
+    of f, the fixed-point iterate and the unrolled gradient from
+    TensorFlow's."""
     iters = _ITERS.value
     path = os.path.join(directory, f"{name}.npz")
     np.savez(
@@ -184,28 +207,31 @@ def check_arithmetic(name, cell, x, z, r, worker, directory):
             )
         },
     )
-    theirs = np.load(
-        worker("cell", name=name, arrays=path, iters=iters)["path"]
-    )
     iterate = tf.zeros_like(x)
     for _ in range(iters):
         iterate = cell(iterate, x)
     layer = make_layer(cell, x, "unrolled", "fixed_point", iters)
     grads = gradient_function(layer, x, r)()
     ours = np.concatenate([np.ravel(g.numpy()) for g in grads])
-    reference = np.concatenate(
-        [
-            np.ravel(theirs[f"g:{k}"])
-            for k in keras_names(cell, layer.trainable_variables)
-        ]
-    )
-    return {
-        "f": relative_difference(cell(z, x).numpy(), theirs["f"]),
-        "fixed_point_iterate": relative_difference(
-            iterate.numpy(), theirs["fixed_point"]
-        ),
-        "unrolled_gradient": relative_difference(ours, reference),
-    }
+    checks = {}
+    for key, worker in workers.items():
+        theirs = np.load(
+            worker("cell", name=name, arrays=path, iters=iters)["path"]
+        )
+        reference = np.concatenate(
+            [
+                np.ravel(theirs[f"g:{k}"])
+                for k in keras_names(cell, layer.trainable_variables)
+            ]
+        )
+        checks[key] = {
+            "f": relative_difference(cell(z, x).numpy(), theirs["f"]),
+            "fixed_point_iterate": relative_difference(
+                iterate.numpy(), theirs["fixed_point"]
+            ),
+            "unrolled_gradient": relative_difference(ours, reference),
+        }
+    return checks
 
 
 def keras_function(cell, x, r, what, solver, mode):
@@ -225,26 +251,44 @@ def keras_function(cell, x, r, what, solver, mode):
     return lambda: step().numpy(), iters
 
 
-def measure_cell(name, worker, directory):
+def print_check(name, checks):
+    for key, check in checks.items():
+        print(
+            f"{name}: relative difference keras_deq (TensorFlow) vs {key}: f "
+            f"{check['f']:.1e}, {_ITERS.value}-step iterate "
+            f"{check['fixed_point_iterate']:.1e}, unrolled gradient "
+            f"{check['unrolled_gradient']:.1e}",
+            flush=True,
+        )
+        worst = max(check.values())
+        if worst > _CHECK_TOL.value:
+            raise SystemExit(
+                f"{name}: keras_deq on TensorFlow and {key} compute different "
+                f"things (relative difference {worst:.2e} > --check_tol="
+                f"{_CHECK_TOL.value}); not timing it."
+            )
+
+
+def time_in(worker, what, solver, mode):
+    answer = worker(
+        "time",
+        what=what,
+        solver=solver,
+        mode=mode,
+        iters=_ITERS.value,
+        warmup=_WARMUP.value,
+        repeats=_REPEATS.value,
+    )
+    return timing.summary(answer["seconds"]), answer["nfe"]
+
+
+def measure_cell(name, workers, directory):
     cell, x = cells.make(name, _BATCH_SIZE.value)
     rng = np.random.default_rng(7)
     r = tf.constant(rng.normal(size=x.shape), x.dtype)
     z = tf.constant(rng.normal(size=x.shape), x.dtype)
-    check = check_arithmetic(name, cell, x, z, r, worker, directory)
-    print(
-        f"{name}: relative difference keras_deq vs TorchDEQ: f "
-        f"{check['f']:.1e}, {_ITERS.value}-step iterate "
-        f"{check['fixed_point_iterate']:.1e}, unrolled gradient "
-        f"{check['unrolled_gradient']:.1e}",
-        flush=True,
-    )
-    worst = max(check.values())
-    if worst > _CHECK_TOL.value:
-        raise SystemExit(
-            f"{name}: keras_deq and TorchDEQ compute different things "
-            f"(relative difference {worst:.2e} > --check_tol="
-            f"{_CHECK_TOL.value}); not timing it."
-        )
+    checks = check_arithmetic(name, cell, x, z, r, workers, directory)
+    print_check(name, checks)
     rows = []
     reuse = REUSE_ROWS if _REUSE.value else {}
     for label, (what, solver, mode) in {**ROWS, **reuse}.items():
@@ -255,36 +299,68 @@ def measure_cell(name, worker, directory):
             "keras_deq_nfe": nfe,
         }
         if label in ROWS:
-            answer = worker(
-                "time",
-                what=what,
-                solver=solver,
-                mode=mode,
-                iters=_ITERS.value,
-                warmup=_WARMUP.value,
-                repeats=_REPEATS.value,
+            row["torchdeq"], row["torchdeq_nfe"] = time_in(
+                workers["TorchDEQ"], what, solver, mode
             )
-            row["torchdeq"] = timing.summary(answer["seconds"])
-            row["torchdeq_nfe"] = answer["nfe"]
+        if "JAX" in workers:
+            row["keras_deq_jax"], row["keras_deq_jax_nfe"] = time_in(
+                workers["JAX"], what, solver, mode
+            )
         rows.append(row)
-        theirs = row.get("torchdeq")
-        ms = 1e3 * row["keras_deq"]["median"]
         print(
-            f"{name} {label}: keras_deq {ms:.1f} ms"
-            + (f", TorchDEQ {1e3 * theirs['median']:.1f} ms" if theirs else ""),
+            f"{name} {label}: "
+            + ", ".join(
+                f"{who} {1e3 * row[key]['median']:.1f} ms"
+                for who, key in COLUMNS.items()
+                if key in row
+            ),
             flush=True,
         )
     reference = next(r for r in rows if r["label"] == REFERENCE_ROW)
     for row in rows:
         against = row.get("torchdeq", reference["torchdeq"])
         row["ratio"] = row["keras_deq"]["median"] / against["median"]
+        if "keras_deq_jax" in row:
+            row["ratio_jax"] = (
+                row["keras_deq_jax"]["median"] / against["median"]
+            )
         row["ratio_to"] = "same row" if "torchdeq" in row else REFERENCE_ROW
     return {
         "cell": name,
         "batch_size": int(x.shape[0]),
-        "check": check,
+        "check": checks,
         "rows": rows,
     }
+
+
+# Who, and where a row keeps their time.
+COLUMNS = {
+    "keras_deq TF": "keras_deq",
+    "TorchDEQ": "torchdeq",
+    "keras_deq JAX": "keras_deq_jax",
+}
+
+
+def table_rows(results):
+    def ms(row, key):
+        return f"{1e3 * row[key]['median']:.1f}" if key in row else "-"
+
+    def ratio(row, key):
+        if key not in row:
+            return "-"
+        return f"{row[key]:.2f}" + ("" if "torchdeq" in row else " *")
+
+    return [
+        [
+            result["cell"],
+            row["label"],
+            *(ms(row, key) for key in COLUMNS.values()),
+            ratio(row, "ratio"),
+            ratio(row, "ratio_jax"),
+        ]
+        for result in results
+        for row in result["rows"]
+    ]
 
 
 def main(argv):
@@ -301,40 +377,50 @@ def main(argv):
         print(f"To compare, {INSTALL}.")
         timing.write_json(_OUTPUT.value, {"skipped": missing})
         return
-    worker = TorchDEQ(_TORCH_PYTHON.value)
+    workers = {"TorchDEQ": Worker([_TORCH_PYTHON.value, WORKER], "TorchDEQ")}
+    if _JAX.value:
+        workers["JAX"] = jax_worker()
     try:
-        torch_versions = worker("versions")
+        versions = {key: worker("versions") for key, worker in workers.items()}
         with tempfile.TemporaryDirectory() as directory:
             results = [
-                measure_cell(name, worker, directory) for name in _CELLS.value
+                measure_cell(name, workers, directory) for name in _CELLS.value
             ]
     finally:
-        worker.close()
-    table = []
-    for result in results:
-        for row in result["rows"]:
-            theirs = row.get("torchdeq")
-            table.append(
-                [
-                    result["cell"],
-                    row["label"],
-                    f"{1e3 * row['keras_deq']['median']:.1f}",
-                    f"{1e3 * theirs['median']:.1f}" if theirs else "-",
-                    f"{row['ratio']:.2f}"
-                    + ("" if theirs else " (÷ TorchDEQ implicit Anderson)"),
-                ]
-            )
+        for worker in workers.values():
+            worker.close()
+    torch_versions = versions["TorchDEQ"]
     print(
         f"T = {_ITERS.value}; medians of {_REPEATS.value} after "
         f"{_WARMUP.value} warm-ups; TorchDEQ {torch_versions['torchdeq']} on "
-        f"torch {torch_versions['torch']} ({torch_versions['threads']} threads)"
+        f"torch {torch_versions['torch']} ({torch_versions['threads']} "
+        "threads)"
+        + (
+            f"; JAX {versions['JAX']['jax']} ({versions['JAX']['device']})"
+            if "JAX" in versions
+            else ""
+        )
+        + "; ratio: keras_deq ÷ TorchDEQ, * ÷ TorchDEQ's implicit Anderson"
+        " step"
     )
     timing.print_table(
-        ["cell", "what", "keras_deq ms", "TorchDEQ ms", "ratio"], table
+        [
+            "cell",
+            "what",
+            *(f"{who} ms" for who in COLUMNS),
+            "TF ratio",
+            "JAX ratio",
+        ],
+        table_rows(results),
     )
     timing.write_json(
         _OUTPUT.value,
-        {"iters": _ITERS.value, "torch": torch_versions, "cells": results},
+        {
+            "iters": _ITERS.value,
+            "torch": torch_versions,
+            "jax": versions.get("JAX"),
+            "cells": results,
+        },
     )
 
 

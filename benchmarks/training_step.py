@@ -27,7 +27,7 @@ from absl import flags  # noqa: E402
 
 from benchmarks import cells  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.steps import MODES  # noqa: E402
+from benchmarks.cells import MODES  # noqa: E402
 from benchmarks.steps import step_function  # noqa: E402
 
 _CELLS = flags.DEFINE_list("cells", ["mlp", "conv"], "Cells to measure.")

@@ -147,8 +147,9 @@ def test_compare_torchdeq_skips_without_torchdeq(tmp_path, python):
     "is not set",
 )
 def test_compare_torchdeq_script(tmp_path):
-    """Both libraries compute the same f, iterate and unrolled gradient,
-    and make exactly `--iters` evaluations in every timed row."""
+    """TorchDEQ and keras_deq on JAX compute TensorFlow's f, iterate and
+    unrolled gradient, and make exactly `--iters` evaluations in every
+    timed row."""
     data, stdout = run_module(
         "compare_torchdeq",
         tmp_path,
@@ -158,17 +159,26 @@ def test_compare_torchdeq_script(tmp_path):
     )
     results = data["results"]
     assert results["torch"]["torchdeq"] == "0.1.0"
+    assert results["jax"]["jax"]
     for cell in results["cells"]:
-        assert max(cell["check"].values()) < 1e-5, cell["check"]
+        assert set(cell["check"]) == {"TorchDEQ", "JAX"}
+        for check in cell["check"].values():
+            assert max(check.values()) < 1e-5, cell["check"]
         rows = {r["label"]: r for r in cell["rows"]}
         assert len(rows) == 10
         reference = rows["step, implicit, Anderson"]["torchdeq"]["median"]
         for label, row in rows.items():
             theirs = row.get("torchdeq", {"median": reference})
             assert row["ratio"] == row["keras_deq"]["median"] / theirs["median"]
+            assert row["ratio_jax"] == (
+                row["keras_deq_jax"]["median"] / theirs["median"]
+            )
+            if label != "one f":
+                assert row["keras_deq_nfe"] == row["keras_deq_jax_nfe"] == 3
             if "torchdeq" in row and label != "one f":
-                assert row["keras_deq_nfe"] == row["torchdeq_nfe"] == 3, row
-    assert "keras_deq ms" in stdout and "TorchDEQ ms" in stdout
+                assert row["torchdeq_nfe"] == 3, row
+    assert "keras_deq TF ms" in stdout and "TorchDEQ ms" in stdout
+    assert "keras_deq JAX ms" in stdout
 
 
 @pytest.mark.large  # a timing or memory harness: --run-large
