@@ -5,16 +5,18 @@ TensorFlow nor keras_deq).
 It reads one JSON request per line on standard input and answers each with
 one JSON line on standard output:
 
-- `{"op": "cell", "name": ..., "arrays": PATH}`: builds the cell of
-  `benchmarks/cells.py` named `name` from the Keras weights, input `x`,
-  test state `z` and loss weights `r` in the `.npz` at PATH (Keras
-  layouts), and writes f(z, x), the `iters`-step fixed-point iterate and
-  the parameter gradient of an unrolled step, in Keras layouts, to
-  PATH + ".torch.npz".
+- `{"op": "cell", "name": ..., "arrays": PATH, "device": "cpu"}`: builds
+  the cell of `benchmarks/cells.py` named `name` from the Keras weights,
+  input `x`, test state `z` and loss weights `r` in the `.npz` at PATH
+  (Keras layouts), and writes f(z, x), the `iters`-step fixed-point iterate
+  and the parameter gradient of an unrolled step, in Keras layouts, to
+  PATH + ".torch.npz"; then moves the cell and its tensors to `device`
+  (`"cuda"` on a GPU) for the timings.
 - `{"op": "time", "what": "f" | "solve" | "step", "solver": ...,
   "mode": "implicit" | "phantom" | "unrolled", "iters": T, "warmup": W,
   "repeats": N}`: times N calls after W untimed ones and answers the
-  seconds of each and the forward NFE.
+  seconds of each, the forward NFE and, on a GPU, the peak memory
+  allocated during them in MB (`peak_mb`, else `None`).
 - `{"op": "versions"}`.
 
 Training steps are those of `benchmarks/steps.py`: loss mean(z* ⊙ r), the
@@ -184,6 +186,7 @@ class Worker:
     def __init__(self):
         self.cell = self.x = self.r = None
         self.nchw = False
+        self.device = torch.device("cpu")
 
     def _to_torch(self, array):
         t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -195,7 +198,7 @@ class Worker:
             tensor = tensor.permute(0, 2, 3, 1)
         return tensor.contiguous().numpy()
 
-    def cell_op(self, name, arrays, iters):
+    def cell_op(self, name, arrays, iters, device="cpu"):
         data = np.load(arrays)
         weights = {
             k[len("w:") :]: data[k] for k in data.files if k.startswith("w:")
@@ -218,6 +221,9 @@ class Worker:
             fixed_point=self._to_keras(iterate),
             **{f"g:{k}": v for k, v in grads.items()},
         )
+        self.device = torch.device(device)
+        self.cell.to(self.device)
+        self.x, self.r = self.x.to(self.device), self.r.to(self.device)
         return {"path": arrays + ".torch.npz"}
 
     def _unrolled_loss(self, iters):
@@ -283,6 +289,10 @@ class Worker:
 
     def time_op(self, what, solver, mode, iters, warmup, repeats):
         call, count = self._function(what, solver, mode, iters)
+        gpu = self.device.type == "cuda"
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         nfe = count()
         for _ in range(warmup):
             call()
@@ -290,8 +300,11 @@ class Worker:
         for _ in range(repeats):
             start = time.perf_counter()
             call()
+            if gpu:
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
-        return {"seconds": seconds, "nfe": nfe}
+        peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+        return {"seconds": seconds, "nfe": nfe, "peak_mb": peak}
 
 
 def versions():
@@ -300,6 +313,9 @@ def versions():
         "torch": torch.__version__,
         "torchdeq": importlib.metadata.version("torchdeq"),
         "threads": torch.get_num_threads(),
+        "gpu": (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        ),
     }
 
 

@@ -22,6 +22,7 @@ ANY_BACKEND_TESTS = (
     "models/test_mdeq_any_backend.py",
     "models/test_cached_decoding.py",
     "models/test_deq_transformer_lm.py",
+    "test_jax_steps.py",
 )
 
 if os.environ["KERAS_BACKEND"] == "tensorflow":

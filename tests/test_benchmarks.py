@@ -322,3 +322,50 @@ def test_lm_equilibrium_script(tmp_path):
     )
     assert [row["max_iter"] for row in run["rows"]] == [12, 24, 48]
     assert 0 <= run["path"]["agreement"] <= 1
+
+
+def test_gpu_check_runs_its_rows_at_tiny_sizes(tmp_path):
+    """The GPU script's CPU path: each row in its own JAX process, the
+    cells at exactly `--iters` forward evaluations, TorchDEQ beside them
+    where this interpreter (or KERAS_DEQ_TORCH_PYTHON) has torch."""
+    torch_python = TORCH_PYTHON or sys.executable
+    data, stdout = run_module(
+        "gpu_check",
+        tmp_path,
+        "--tiny",
+        "--rows=MDEQ,conv cell",
+        "--iters=3",
+        "--repeats=2",
+        f"--torch_python={torch_python}",
+        f"--site={tmp_path / 'site'}",
+        timing_flags=False,
+    )
+    rows = data["rows"]
+    mdeq, conv, torchdeq = rows
+    assert data["tiny"] and data["seconds"] < 300
+    assert (mdeq["row"], mdeq["library"]) == ("MDEQ", "keras_deq (JAX)")
+    # The paper's MDEQ solves for at most its 7 forward iterations.
+    assert 1 <= mdeq["nfe"] <= 7
+    assert (conv["row"], conv["nfe"]) == ("conv cell", 3.0)
+    for row in (mdeq, conv):
+        assert row["step_ms"] > 0 and row["peak_mb"] is None  # a CPU
+        assert row["device"].startswith("cpu")
+    if importlib.util.find_spec("torch") is None and not TORCH_PYTHON:
+        assert torchdeq == {"row": "conv cell", "skipped": "torch is missing"}
+        assert "skipped: torch is missing" in stdout
+    else:
+        assert torchdeq["nfe"] == 3.0 and torchdeq["step_ms"] > 0
+    assert "step ms" in stdout and "peak MB" in stdout
+
+
+def test_gpu_check_says_how_to_get_what_it_lacks(tmp_path):
+    from benchmarks import gpu_check
+
+    args = gpu_check.parse(
+        [f"--wheels={tmp_path / 'none'}", f"--site={tmp_path / 'site'}"]
+    )
+    assert gpu_check.install(["keras"], args) == args.site  # present
+    with pytest.raises(SystemExit, match=r"no_such_module.*pip download"):
+        gpu_check.install(["no_such_module"], args)
+    with pytest.raises(SystemExit):
+        gpu_check.parse(["--rows=MDEQ,cnn"])
