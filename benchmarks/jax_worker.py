@@ -20,9 +20,6 @@ import os
 
 os.environ["KERAS_BACKEND"] = "jax"
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import keras  # noqa: E402
@@ -30,6 +27,8 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from benchmarks import cells  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from benchmarks import worker_loop  # noqa: E402
 from benchmarks.jax_steps import TrainStep  # noqa: E402
 from benchmarks.jax_steps import inference  # noqa: E402
 
@@ -107,14 +106,7 @@ class Worker:
 
     def time_op(self, what, solver, mode, iters, warmup, repeats):
         call, nfe = self._call(what, solver, mode, iters)
-        for _ in range(warmup):
-            call()
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            seconds.append(time.perf_counter() - start)
-        return {"seconds": seconds, "nfe": nfe}
+        return {"seconds": timing.seconds(call, repeats, warmup), "nfe": nfe}
 
 
 def versions():
@@ -126,25 +118,10 @@ def versions():
 
 
 def main():
-    replies = sys.stdout
-    sys.stdout = sys.stderr  # anything the libraries print stays off the pipe
     worker = Worker()
-    for line in sys.stdin:
-        request = json.loads(line)
-        op = request.pop("op")
-        try:
-            if op == "cell":
-                answer = worker.cell_op(**request)
-            elif op == "time":
-                answer = worker.time_op(**request)
-            elif op == "versions":
-                answer = versions()
-            else:
-                raise ValueError(f"unknown op {op!r}")
-        except Exception as error:  # reported to the parent, which stops
-            answer = {"error": f"{type(error).__name__}: {error}"}
-        replies.write(json.dumps(answer) + "\n")
-        replies.flush()
+    worker_loop.serve(
+        {"cell": worker.cell_op, "time": worker.time_op, "versions": versions}
+    )
 
 
 if __name__ == "__main__":

@@ -6,12 +6,10 @@ import statistics
 import time
 
 
-def measure(fn, repeats=10, warmup=3):
-    """Calls `fn` `warmup` times untimed, then `repeats` times timed.
-
-    `fn` must block until its result is ready (e.g. call `.numpy()`).
-    Returns a dict with the median, min and max in seconds.
-    """
+def seconds(fn, repeats=10, warmup=3):
+    """Calls `fn` `warmup` times untimed, then `repeats` times timed; the
+    seconds of each timed call. `fn` must block until its result is ready
+    (e.g. call `.numpy()`)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -19,7 +17,12 @@ def measure(fn, repeats=10, warmup=3):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return summary(times)
+    return times
+
+
+def measure(fn, repeats=10, warmup=3):
+    """`seconds(fn, repeats, warmup)` as a dict of the median, min and max."""
+    return summary(seconds(fn, repeats, warmup))
 
 
 def summary(times):

@@ -24,16 +24,15 @@ forward at exactly T evaluations, T backward iterations, SGD.
 """
 
 import importlib.metadata
-import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchdeq
+import worker_loop  # beside this file, which runs as a script
 from torch import nn
 
 
@@ -320,26 +319,11 @@ def versions():
 
 
 def main():
-    replies = sys.stdout
-    sys.stdout = sys.stderr  # anything the libraries print stays off the pipe
     torch.set_num_threads(os.cpu_count() or 1)
     worker = Worker()
-    for line in sys.stdin:
-        request = json.loads(line)
-        op = request.pop("op")
-        try:
-            if op == "cell":
-                answer = worker.cell_op(**request)
-            elif op == "time":
-                answer = worker.time_op(**request)
-            elif op == "versions":
-                answer = versions()
-            else:
-                raise ValueError(f"unknown op {op!r}")
-        except Exception as error:  # reported to the parent, which stops
-            answer = {"error": f"{type(error).__name__}: {error}"}
-        replies.write(json.dumps(answer) + "\n")
-        replies.flush()
+    worker_loop.serve(
+        {"cell": worker.cell_op, "time": worker.time_op, "versions": versions}
+    )
 
 
 if __name__ == "__main__":
