@@ -15,8 +15,8 @@ from tests.any_backend import LinearCell
 from tests.any_backend import TanhCell
 
 # On JAX a layer records no statistics inside `fit` (its NFE, residuals and
-# penalty are not logged), so AdaptiveJacobian, which steers by the NFE, is
-# TensorFlow's only.
+# penalty are not logged), so AdaptiveJacobian steers by the NFE of the
+# training steps on TensorFlow only, and by a probe batch on both.
 tensorflow_only = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="needs the layer's statistics in fit"
 )
@@ -278,6 +278,76 @@ def test_adaptive_gamma_holds_inside_the_band_and_updates_by_batches():
     )
 
 
+def probe_nfe(model, layer, probe):
+    """The forward NFE of one training-mode call on `probe`, eagerly."""
+    layer.forward_nfe.reset_state()
+    model(probe, training=True)
+    return float(layer.forward_nfe.result())
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        (2.0, [0.15, 0.225, 0.3, 0.3]),
+        (40.0, [0.1 / 1.5, 0.1 / 2.25, 0.04, 0.04]),
+    ],
+)
+def test_adaptive_gamma_steers_by_a_probe_on_any_backend(target, expected):
+    layer = keras_deq.DEQLayer(
+        TanhCell(units=D), max_iter=10, tol=1e-12, jac_weight=0.1, name="deq"
+    )
+    model = model_with(layer)
+    x, y = data()
+    assert probe_nfe(model, layer, x[:16]) == 10.0
+    recorder = Recorder(layer)
+    adaptive = AdaptiveJacobian(
+        target, factor=1.5, min_weight=0.04, max_weight=0.3, probe=x[:16]
+    )
+    history = model.fit(
+        x, y, epochs=4, verbose=0, callbacks=[adaptive, recorder]
+    ).history
+    np.testing.assert_allclose([w for w, _ in recorder.epochs], expected)
+    np.testing.assert_allclose(history["deq_jac_weight"], expected)
+
+
+def test_a_probe_steers_by_the_nfe_it_measures():
+    # A contraction with ρ ≈ 0.3 converges in a few steps at tol 1e-3.
+    layer = keras_deq.DEQLayer(
+        TanhCell(units=D, w_norm=0.3), jac_weight=0.2, name="deq"
+    )
+    model = model_with(layer)
+    x, y = data()
+    probe = x[:16]
+    nfe = probe_nfe(model, layer, probe)
+    assert 2 <= nfe < 10
+    recorder = Recorder(layer)
+    # Just above the NFE, inside the margin: γ holds.
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            AdaptiveJacobian(nfe + 0.5, margin=1.0, probe=probe),
+            recorder,
+        ],
+    )
+    np.testing.assert_allclose([w for w, _ in recorder.epochs], 0.2)
+    # Just below it: γ rises once per epoch.
+    recorder = Recorder(layer)
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            AdaptiveJacobian(nfe - 0.5, factor=2.0, probe=probe),
+            recorder,
+        ],
+    )
+    np.testing.assert_allclose([w for w, _ in recorder.epochs], [0.4, 0.8])
+
+
 def test_spectral_radius_monitor_logs_to_history_and_tensorboard(tmp_path):
     layer = keras_deq.DEQLayer(LinearCell(trainable_a=False), name="deq")
     model = model_with(layer)
@@ -315,13 +385,12 @@ def test_callback_errors():
         JacobianSchedule(1, 2, epochs=3, freq_start=0.5, freq_end=1.5)
     with pytest.raises(TypeError, match="layers"):
         JacobianSchedule(1, 2, epochs=3, layers="deq")
-    if BACKEND == "tensorflow":
-        with pytest.raises(ValueError, match="factor"):
-            AdaptiveJacobian(5, factor=1.0)
-        with pytest.raises(ValueError, match="max_weight"):
-            AdaptiveJacobian(5, min_weight=1.0, max_weight=0.5)
-    else:
-        with pytest.raises(RuntimeError, match="keras-team/keras#21639"):
+    with pytest.raises(ValueError, match="factor"):
+        AdaptiveJacobian(5, factor=1.0, probe=np.zeros((1, D)))
+    with pytest.raises(ValueError, match="max_weight"):
+        AdaptiveJacobian(5, min_weight=1.0, max_weight=0.5, probe=np.zeros(1))
+    if BACKEND != "tensorflow":
+        with pytest.raises(ValueError, match=r"keras#21639.*probe=None"):
             AdaptiveJacobian(5)
 
     x, y = data()

@@ -24,9 +24,14 @@ class AdaptiveJacobian(_DEQCallback):
     off) stays where it is. Updates come at the end of every
     epoch, or every `update_every` batches. Each layer is steered by its own
     NFE. The penalty only acts on the steps its gate p = `layer.jac_freq`
-    lets through, so p must be > 0. TensorFlow only: on JAX a layer
-    records no metrics inside `fit`'s step, so there is no NFE to steer
-    by, and constructing it raises a `RuntimeError`.
+    lets through, so p must be > 0.
+
+    Where the NFE comes from: by default, the layer's own `forward_nfe`
+    over the training steps. Given `probe` (a batch of the model's
+    inputs), a training-mode call on it made by the callback at each
+    update instead. On JAX a layer records no statistics inside `fit`'s
+    step (Keras' trainer maps a layer's weights there, not its metrics:
+    keras-team/keras#21639), so there `probe` is required.
 
     Args:
         target_nfe: forward NFE to aim for, >= 1.
@@ -38,6 +43,9 @@ class AdaptiveJacobian(_DEQCallback):
         update_every: batches between updates. Defaults to `None` (once per
             epoch).
         layers: names of the DEQLayers to steer. Defaults to all of them.
+        probe: inputs to measure the NFE on, with a training-mode call at
+            each update. Defaults to `None` (the training steps' NFE;
+            required on JAX).
 
     Examples:
 
@@ -58,17 +66,19 @@ class AdaptiveJacobian(_DEQCallback):
         max_weight: float = 10.0,
         update_every: int | None = None,
         layers: Sequence[str] | None = None,
+        probe=None,
     ):
-        if not _backend.LAYER_METRICS:
-            raise RuntimeError(
-                "AdaptiveJacobian steers γ by the forward NFE that each "
-                "DEQLayer records during `fit`, and on the "
-                f"{_backend.BACKEND!r} backend a layer cannot record metrics "
+        if probe is None and not _backend.LAYER_METRICS:
+            raise ValueError(
+                "AdaptiveJacobian steers γ by the forward NFE, and on the "
+                f"{_backend.BACKEND!r} backend a DEQLayer cannot record it "
                 "inside a training step (Keras' trainer maps only its "
-                "weights there: keras-team/keras#21639). Use "
-                "JacobianSchedule, or the TensorFlow backend."
+                "weights there: keras-team/keras#21639). Pass `probe`, a "
+                "batch of the model's inputs, to measure the NFE on at each "
+                "update. Received: probe=None"
             )
         super().__init__(layers)
+        self.probe = probe
         self.target_nfe = validation.check_range(
             "target_nfe", target_nfe, 1, math.inf
         )
@@ -113,25 +123,37 @@ class AdaptiveJacobian(_DEQCallback):
         metric = layer.forward_nfe
         return _value(metric.total), _value(metric.count)
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def _begin(self):
         self._before = {
             layer.name: self._read(layer) for layer in self.targets()
         }
 
-    def on_train_batch_end(self, batch, logs=None):
+    def _end(self):
         for layer in self.targets():
             total, count = self._read(layer)
             total0, count0 = self._before.get(layer.name, (0.0, 0.0))
-            if count < count0:  # the metric was reset during the batch
+            if count < count0:  # the metric was reset in between
                 total0 = count0 = 0.0
             sums = self._sums[layer.name]
             sums[0] += total - total0
             sums[1] += count - count0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.probe is None:
+            self._begin()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.probe is None:
+            self._end()
         self._batches += 1
         if self.update_every and self._batches >= self.update_every:
             self._update()
 
     def _update(self):
+        if self.probe is not None:
+            self._begin()
+            self.model(self.probe, training=True)
+            self._end()
         for layer in self.targets():
             total, count = self._sums[layer.name]
             if count <= 0:
