@@ -1,7 +1,8 @@
 """keras_deq: deep equilibrium models for Keras 3.
 
-Everything runs on Keras' TensorFlow and JAX backends but
-`AdaptiveJacobian`, which needs TensorFlow (see `keras_deq.backend`).
+Everything runs on Keras' TensorFlow and JAX backends (see
+`keras_deq.backend`); on JAX, `AdaptiveJacobian` measures the NFE on a
+`probe` batch.
 """
 
 from keras_deq import backend

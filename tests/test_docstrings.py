@@ -12,11 +12,20 @@ import tensorflow as tf
 
 import keras_deq
 
+# The backend modules of the other backends import what may not be
+# installed (JAX's imports jax).
+_OTHER_BACKENDS = {
+    f"keras_deq.backend.{name}"
+    for name in keras_deq.backend.SUPPORTED
+    if name != keras_deq.backend.BACKEND
+}
+
 
 def _modules():
     names = ["keras_deq"]
     for info in pkgutil.walk_packages(keras_deq.__path__, "keras_deq."):
-        names.append(info.name)
+        if info.name not in _OTHER_BACKENDS:
+            names.append(info.name)
     return sorted(names)
 
 
