@@ -441,6 +441,8 @@ def test_fit_learns_and_the_loss_holds_the_penalty():
 
 
 def test_another_backend_gets_an_error_naming_the_supported_ones():
+    # Keras' numpy backend imports jax in Keras 3.8 (the lowest version).
+    pytest.importorskip("jax")
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
     done = subprocess.run(
         [sys.executable, "-c", "import keras_deq"],
