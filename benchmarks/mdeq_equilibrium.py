@@ -28,7 +28,9 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
   correction over 5 iterates; `defaults_spectral`: without weight
   normalization, the block's kernels bounded to spectral norm 1;
   `defaults_spectral_12`: the same with 12 forward iterations;
-  `defaults_gamma4`: with the penalty at γ 4);
+  `defaults_gamma4`: with the penalty at γ 4;
+  `defaults_unrolled_implicit`: the implicit gradient after 44 unrolled
+  steps);
 - `previous`: the defaults before 2026-12-06 (one phantom step, λ 1;
   `previous_12`, `previous_20`: with 12 or 20 forward iterations,
   `previous_correction3`: with λ 3; `correction3_nopenalty`,
@@ -58,6 +60,7 @@ from benchmarks import timing  # noqa: E402
 from benchmarks.digits import WIDTHS  # noqa: E402
 from benchmarks.digits import digits_images  # noqa: E402
 from keras_deq import diagnostics  # noqa: E402
+from keras_deq.callbacks import UnrolledPretraining  # noqa: E402
 from keras_deq.layers import apply_spectral_norm  # noqa: E402
 from keras_deq.models import MDEQClassifier  # noqa: E402
 
@@ -138,6 +141,12 @@ LEVERS = {
     # The defaults with a 4x stronger Jacobian penalty (γ 4), against the
     # slow convergence that leaves 7 iterations short of the fixed point.
     "defaults_gamma4": {"jac_weight": 4.0},
+    # A short unrolled phase (the first 2 of the 8 epochs, 44 steps), then
+    # the implicit gradient (`keras_deq.callbacks.UnrolledPretraining`).
+    "defaults_unrolled_implicit": {
+        "gradient": "implicit",
+        "pretraining_steps": 44,
+    },
     # The spectral bound with 12 forward iterations, about the steps its solve
     # takes to the tolerance at 4x the budget.
     "defaults_spectral_12": {
@@ -185,9 +194,11 @@ _STEP_TIMES = flags.DEFINE_integer(
 
 
 def _compiled(lever, seed):
+    """The lever's compiled model and its training callbacks."""
     keras.utils.set_random_seed(seed)
     kwargs = dict(LEVERS[lever])
     max_norm = kwargs.pop("spectral_norm", None)
+    pretraining = kwargs.pop("pretraining_steps", None)
     model = MDEQClassifier(10, widths=WIDTHS, seed=seed, **kwargs)
     if max_norm is not None:
         apply_spectral_norm(model.deq.block, max_norm)
@@ -196,7 +207,10 @@ def _compiled(lever, seed):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    return model
+    callbacks = (
+        [] if pretraining is None else [UnrolledPretraining(pretraining)]
+    )
+    return model, callbacks
 
 
 def step_times(levers, seed, rounds):
@@ -207,7 +221,7 @@ def step_times(levers, seed, rounds):
     """
     (x, y), _ = digits_images()
     x, y = x[:64], y[:64]
-    models = {lever: _compiled(lever, seed) for lever in levers}
+    models = {lever: _compiled(lever, seed)[0] for lever in levers}
     for model in models.values():  # traces the train function
         model.train_on_batch(x, y)
         model.train_on_batch(x, y)
@@ -224,9 +238,11 @@ def train(lever, seed, epochs, budgets, starts):
     """One run: the trained model's equilibrium report and its time."""
     model_kwargs = LEVERS[lever]
     (x, y), (x_test, y_test) = digits_images()
-    model = _compiled(lever, seed)
+    model, callbacks = _compiled(lever, seed)
     start = time.perf_counter()
-    history = model.fit(x, y, batch_size=64, epochs=epochs, verbose=0)
+    history = model.fit(
+        x, y, batch_size=64, epochs=epochs, verbose=0, callbacks=callbacks
+    )
     seconds = time.perf_counter() - start
     report = diagnostics.equilibrium_report(
         model,
