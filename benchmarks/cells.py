@@ -159,6 +159,13 @@ def make(name, batch_size=None, seed=0):
     return cell, x
 
 
+def weight_names(cell, variables):
+    """Each variable's path inside the cell (`conv1/kernel`), the keys the
+    workers exchange weights and gradients under."""
+    prefix = cell.name + "/"
+    return [v.path[v.path.index(prefix) + len(prefix) :] for v in variables]
+
+
 # Per mode, the DEQLayer arguments over the step's own. The reuse modes
 # start the backward from the forward Broyden's estimate and refine it
 # with 0, 2 or 4 iterations.

@@ -52,7 +52,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -67,6 +66,7 @@ from benchmarks import timing  # noqa: E402
 from benchmarks.cells import make_layer  # noqa: E402
 from benchmarks.steps import gradient_function  # noqa: E402
 from benchmarks.steps import step_function  # noqa: E402
+from benchmarks.worker_loop import Worker  # noqa: E402
 
 WORKER = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "torchdeq_worker.py"
@@ -119,40 +119,6 @@ _OUTPUT = flags.DEFINE_string(
 )
 
 
-class Worker:
-    """A worker process, one JSON request and answer per line."""
-
-    def __init__(self, command, name, env=None):
-        self.name = name
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-
-    def __call__(self, op, **request):
-        self.process.stdin.write(json.dumps({"op": op, **request}) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(
-                f"The {self.name} worker exited; see its stderr."
-            )
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(
-                f"The {self.name} worker failed: {answer['error']}"
-            )
-        return answer
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-
-
 def torchdeq_missing(python):
     """Why `python` cannot run TorchDEQ, or None if it can."""
     try:
@@ -176,17 +142,11 @@ def relative_difference(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def keras_names(cell, variables):
-    """Each variable's path inside the cell (`conv1/kernel`)."""
-    prefix = cell.name + "/"
-    return [v.path[v.path.index(prefix) + len(prefix) :] for v in variables]
-
-
 def jax_worker():
     """keras_deq on JAX, in this interpreter under `KERAS_BACKEND=jax`."""
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     command = [sys.executable, "-m", "benchmarks.jax_worker"]
-    return Worker(command, "JAX", env)
+    return Worker(command, "JAX", env, cwd=ROOT)
 
 
 def check_arithmetic(name, cell, x, z, r, workers, directory):
@@ -203,7 +163,9 @@ def check_arithmetic(name, cell, x, z, r, workers, directory):
         **{
             f"w:{k}": v.numpy()
             for k, v in zip(
-                keras_names(cell, cell.weights), cell.weights, strict=True
+                cells.weight_names(cell, cell.weights),
+                cell.weights,
+                strict=True,
             )
         },
     )
@@ -221,7 +183,7 @@ def check_arithmetic(name, cell, x, z, r, workers, directory):
         reference = np.concatenate(
             [
                 np.ravel(theirs[f"g:{k}"])
-                for k in keras_names(cell, layer.trainable_variables)
+                for k in cells.weight_names(cell, layer.trainable_variables)
             ]
         )
         checks[key] = {
@@ -377,7 +339,9 @@ def main(argv):
         print(f"To compare, {INSTALL}.")
         timing.write_json(_OUTPUT.value, {"skipped": missing})
         return
-    workers = {"TorchDEQ": Worker([_TORCH_PYTHON.value, WORKER], "TorchDEQ")}
+    workers = {
+        "TorchDEQ": Worker([_TORCH_PYTHON.value, WORKER], "TorchDEQ", cwd=ROOT)
+    }
     if _JAX.value:
         workers["JAX"] = jax_worker()
     try:

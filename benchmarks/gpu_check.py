@@ -55,6 +55,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.worker_loop import Worker
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "torchdeq_worker.py")
@@ -266,17 +268,15 @@ def _jax_row(args):
             tempfile.gettempdir(), f"gpu_check_{os.getpid()}_cell.npz"
         )
         z = rng.normal(size=inputs.shape).astype("float32")
-        prefix = cell.name + "/"
+        names = cells.weight_names(cell, cell.weights)
         np.savez(
             path,
             x=np.asarray(inputs),
             z=z,
             r=np.asarray(weights),
             **{
-                "w:" + v.path[v.path.index(prefix) + len(prefix) :]: np.asarray(
-                    v.value
-                )
-                for v in cell.weights
+                f"w:{k}": np.asarray(v.value)
+                for k, v in zip(names, cell.weights, strict=True)
             },
         )
         extra["arrays"] = path
@@ -333,33 +333,18 @@ def _torchdeq_row(args, name, arrays):
             [args.site, os.environ.get("PYTHONPATH", "")]
         ),
     }
-    process = subprocess.Popen(
-        [args.torch_python, WORKER],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-    def ask(op, **request):
-        process.stdin.write(json.dumps({"op": op, **request}) + "\n")
-        process.stdin.flush()
-        answer = json.loads(process.stdout.readline() or '{"error": "exited"}')
-        if "error" in answer:
-            raise SystemExit(f"TorchDEQ worker: {answer['error']}")
-        return answer
-
+    worker = Worker([args.torch_python, WORKER], "TorchDEQ", env)
     try:
-        versions = ask("versions")
+        versions = worker("versions")
         device = "cuda" if versions["gpu"] else "cpu"
-        ask(
+        worker(
             "cell",
             name=ROWS[name][0].split(":")[1],
             arrays=arrays,
             iters=args.iters,
             device=device,
         )
-        answer = ask(
+        answer = worker(
             "time",
             what="step",
             solver="anderson",
@@ -369,8 +354,7 @@ def _torchdeq_row(args, name, arrays):
             repeats=args.repeats,
         )
     finally:
-        process.stdin.close()
-        process.wait(timeout=60)
+        worker.close()
     return {
         "row": name,
         "library": f"TorchDEQ {versions['torchdeq']}",

@@ -33,12 +33,6 @@ from benchmarks.jax_steps import TrainStep  # noqa: E402
 from benchmarks.jax_steps import inference  # noqa: E402
 
 
-def _names(cell, variables):
-    """Each variable's path inside the cell (`conv1/kernel`)."""
-    prefix = cell.name + "/"
-    return [v.path[v.path.index(prefix) + len(prefix) :] for v in variables]
-
-
 class Worker:
     def __init__(self):
         self.cell = None
@@ -48,7 +42,9 @@ class Worker:
         x = data["x"]
         self.cell, _ = cells.make(name, x.shape[0])
         for key, variable in zip(
-            _names(self.cell, self.cell.weights), self.cell.weights, strict=True
+            cells.weight_names(self.cell, self.cell.weights),
+            self.cell.weights,
+            strict=True,
         ):
             variable.assign(data[f"w:{key}"])
         self.x = ops.convert_to_tensor(x)
@@ -75,7 +71,7 @@ class Worker:
             **{
                 f"g:{k}": np.asarray(g)
                 for k, g in zip(
-                    _names(self.cell, layer.trainable_variables),
+                    cells.weight_names(self.cell, layer.trainable_variables),
                     grads,
                     strict=True,
                 )
