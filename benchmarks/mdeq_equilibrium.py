@@ -147,6 +147,16 @@ LEVERS = {
         "gradient": "implicit",
         "pretraining_steps": 44,
     },
+    # The defaults without the GroupNorm after each branch's residual sum
+    # (GN3): the state is normalized once per resolution, after the fusion.
+    "defaults_fusion_norm": {"branch_norm": False},
+    # The same with the spectral bound, whose kernels the GroupNorms of the
+    # block leave without a Lipschitz bound.
+    "defaults_fusion_norm_spectral": {
+        "branch_norm": False,
+        "weight_norm": False,
+        "spectral_norm": 1.0,
+    },
     # The spectral bound with 12 forward iterations, about the steps its solve
     # takes to the tolerance at 4x the budget.
     "defaults_spectral_12": {

@@ -32,53 +32,59 @@ def _check_widths(widths, num_groups):
 class MDEQBlock(keras.layers.Layer):
     """f_θ of an MDEQ: residual blocks per resolution, then multiscale fusion.
 
-    The state z and the injection x are lists with one `[B, H_i, W_i, C_i]`
-    tensor per resolution (each half the height and width of the previous).
-    Branch i computes, as the original MDEQ's residual block does,
+        The state z and the injection x are lists with one `[B, H_i, W_i, C_i]`
+        tensor per resolution (each half the height and width of the previous).
+        Branch i computes, as the original MDEQ's residual block does,
 
-        h_i = GN₂(conv₂(drop(ReLU(GN₁(conv₁(z_i))))) + x_i)
-        y_i = GN₃(ReLU(z_i + h_i))
+            h_i = GN₂(conv₂(drop(ReLU(GN₁(conv₁(z_i))))) + x_i)
+            y_i = GN₃(ReLU(z_i + h_i))
 
-    (conv₁ widens to `expansion` · C_i, conv₂ narrows back), and the fusion
-    returns out_i = GN(ReLU(y_i + Σ_{j≠i} T_ij(y_j))), where T_ij for a
-    finer j is a chain of strided 3×3 convolutions, each followed by
-    GroupNorm, and for a coarser j a 1×1 convolution and GroupNorm followed
-    by nearest-neighbour upsampling. All convolutions are weight-normalised
-    (when `weight_norm`), have no bias, and start from N(0, `init_stddev`²)
-    weights (Appendix A.4 of Bai et al., 2021). `drop` is a
-    `VariationalDropout`, fixed for a whole solve.
+    (with `branch_norm=False`, y_i = ReLU(z_i + h_i): the fusion's GroupNorm
+    is then the only one on the state's residual path)
 
-    Stability at initialisation: with the injection added before GN₂ and
-    small conv weights, h_i is nearly GN₂(x_i), independent of z; and the
-    last GroupNorm of each fusion path starts with scale γ = 0, so the
-    fusion starts as the identity and learns its cross-resolution terms.
-    Together these make f_θ a contraction at the paper's initialisation,
-    N(0, 0.01²) (power-method ρ(J) below 1 on random images, above 1
-    with the injection after GN₂ and unit-scale fusion), so the first
-    solves converge. At the default N(0, 0.05²) ρ(J) starts near 1:
-    `MDEQClassifier`'s defaults train it into a contraction (the Jacobian
-    penalty and the fixed-point correction).
+        (conv₁ widens to `expansion` · C_i, conv₂ narrows back), and the fusion
+        returns out_i = GN(ReLU(y_i + Σ_{j≠i} T_ij(y_j))), where T_ij for a
+        finer j is a chain of strided 3×3 convolutions, each followed by
+        GroupNorm, and for a coarser j a 1×1 convolution and GroupNorm followed
+        by nearest-neighbour upsampling. All convolutions are weight-normalised
+        (when `weight_norm`), have no bias, and start from N(0, `init_stddev`²)
+        weights (Appendix A.4 of Bai et al., 2021). `drop` is a
+        `VariationalDropout`, fixed for a whole solve.
 
-    Args:
-        widths: channels per resolution, finest first.
-        expansion: width factor inside the residual blocks. Defaults to 2
-            (the paper's is 5; see `MDEQClassifier`).
-        num_groups: GroupNormalization groups. Defaults to 4.
-        dropout: variational dropout rate. Defaults to 0 (the paper's is
-            0.25).
-        weight_norm: wrap every convolution in `WeightNormalization`.
-            Defaults to `True`.
-        init_stddev: standard deviation of the initial conv weights.
-            Defaults to 0.05 (the paper's is 0.01).
-        seed: int seed of the initialisers and dropout. Defaults to `None`.
+        Stability at initialisation: with the injection added before GN₂ and
+        small conv weights, h_i is nearly GN₂(x_i), independent of z; and the
+        last GroupNorm of each fusion path starts with scale γ = 0, so the
+        fusion starts as the identity and learns its cross-resolution terms.
+        Together these make f_θ a contraction at the paper's initialisation,
+        N(0, 0.01²) (power-method ρ(J) below 1 on random images, above 1
+        with the injection after GN₂ and unit-scale fusion), so the first
+        solves converge. At the default N(0, 0.05²) ρ(J) starts near 1:
+        `MDEQClassifier`'s defaults train it into a contraction (the Jacobian
+        penalty and the fixed-point correction).
 
-    Examples:
+        Args:
+            widths: channels per resolution, finest first.
+            expansion: width factor inside the residual blocks. Defaults to 2
+                (the paper's is 5; see `MDEQClassifier`).
+            num_groups: GroupNormalization groups. Defaults to 4.
+            dropout: variational dropout rate. Defaults to 0 (the paper's is
+                0.25).
+            weight_norm: wrap every convolution in `WeightNormalization`.
+                Defaults to `True`.
+            init_stddev: standard deviation of the initial conv weights.
+                Defaults to 0.05 (the paper's is 0.01).
+            branch_norm: normalize each branch's output (GN₃), as the paper
+                does. `False` drops GN₃, so that each resolution's state is
+                normalized once, after the fusion. Defaults to `True`.
+            seed: int seed of the initialisers and dropout. Defaults to `None`.
 
-        ```python
-        block = keras_deq.models.MDEQBlock(widths=(16, 32, 64, 128))
-        deq = keras_deq.DEQLayer(block, max_iter=7)
-        z_star = deq(injections)  # a list of 4 resolutions, finest first
-        ```
+        Examples:
+
+            ```python
+            block = keras_deq.models.MDEQBlock(widths=(16, 32, 64, 128))
+            deq = keras_deq.DEQLayer(block, max_iter=7)
+            z_star = deq(injections)  # a list of 4 resolutions, finest first
+            ```
     """
 
     def __init__(
@@ -89,10 +95,12 @@ class MDEQBlock(keras.layers.Layer):
         dropout: float = 0.0,
         weight_norm: bool = True,
         init_stddev: float = 0.05,
+        branch_norm: bool = True,
         seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.branch_norm = validation.check_bool("branch_norm", branch_norm)
         self.num_groups = validation.check_int("num_groups", num_groups, 1)
         self.widths = _check_widths(widths, num_groups)
         self.expansion = validation.check_int("expansion", expansion, 1)
@@ -162,7 +170,7 @@ class MDEQBlock(keras.layers.Layer):
                 ),
                 self._conv(width, 3, name=f"b{i}_conv2"),
                 self._norm(f"b{i}_gn2"),
-                self._norm(f"b{i}_gn3"),
+                self._norm(f"b{i}_gn3") if self.branch_norm else None,
             ]
             inner_shape = tuple(shape[:-1]) + (inner,)
             for layer, in_shape in zip(
@@ -170,7 +178,8 @@ class MDEQBlock(keras.layers.Layer):
                 [shape, inner_shape, inner_shape, inner_shape, shape, shape],
                 strict=True,
             ):
-                layer.build(in_shape)
+                if layer is not None:
+                    layer.build(in_shape)
             self.branches.append(branch)
 
         self.fuse = [
@@ -225,7 +234,8 @@ class MDEQBlock(keras.layers.Layer):
             h = keras.ops.relu(gn1(conv1(z_i)))
             h = drop(h, training=training)
             h = gn2(conv2(h) + x_i)
-            ys.append(gn3(keras.ops.relu(z_i + h)))
+            y = keras.ops.relu(z_i + h)
+            ys.append(y if gn3 is None else gn3(y))
         out = []
         for i, paths in enumerate(self.fuse):
             total = ys[i]
@@ -248,5 +258,6 @@ class MDEQBlock(keras.layers.Layer):
             "dropout": self.dropout,
             "weight_norm": self.weight_norm,
             "init_stddev": self.init_stddev,
+            "branch_norm": self.branch_norm,
             "seed": self.seed,
         }

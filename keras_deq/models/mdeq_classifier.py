@@ -66,6 +66,8 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             `WeightNormalization`. Defaults to `True`.
         init_stddev: standard deviation of the initial conv weights.
             Defaults to 0.05.
+        branch_norm: the `MDEQBlock`'s GroupNorm after each branch's
+            residual sum (the paper's). Defaults to `True`.
         seed: int seed of initialisers, dropout and the `DEQLayer`'s
             random draws. Defaults to `None`.
         deq_name: name of the model's `DEQLayer`, which prefixes its
@@ -131,6 +133,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         dropout: float = 0.0,
         weight_norm: bool = True,
         init_stddev: float = 0.05,
+        branch_norm: bool = True,
         seed: int | None = None,
         deq_name: str | None = None,
         **kwargs,
@@ -193,6 +196,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             dropout=dropout,
             weight_norm=weight_norm,
             init_stddev=init_stddev,
+            branch_norm=branch_norm,
             seed=seed,
             dtype=dtype,
             name="mdeq_block",
@@ -223,6 +227,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         self.dropout = dropout
         self.weight_norm = weight_norm
         self.init_stddev = init_stddev
+        self.branch_norm = branch_norm
         self.seed = seed
 
     def get_config(self):
@@ -238,6 +243,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
                 "dropout": self.dropout,
                 "weight_norm": self.weight_norm,
                 "init_stddev": self.init_stddev,
+                "branch_norm": self.branch_norm,
                 "seed": self.seed,
             }
         )

@@ -61,3 +61,11 @@ def check_choice(name: str, value, allowed) -> str:
             f"Received: {name}={value!r}"
         )
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"`{name}` must be True or False. Received: {name}={value!r}"
+        )
+    return value

@@ -5,7 +5,9 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
+from keras_deq.models import MDEQBlock
 from keras_deq.models import MDEQClassifier
 from tests.any_backend import BACKEND
 from tests.any_backend import gradients
@@ -36,6 +38,60 @@ def test_the_output_is_a_fixed_point_of_the_block():
     for a, b in zip(z, fz, strict=True):
         a, b = to_numpy(a), to_numpy(b)
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
+@pytest.mark.parametrize("branch_norm", [True, False])
+def test_one_resolution_block_is_its_formula(branch_norm):
+    """`MDEQBlock` with one resolution (no fusion paths) against its
+    docstring's formula, written with Keras' own convolution and
+    GroupNormalization: GN(ReLU(y)) with y = GN₃(ReLU(z + h)), or
+    ReLU(z + h) without the branch norm."""
+    block = MDEQBlock(
+        (8,), expansion=2, weight_norm=False, branch_norm=branch_norm, seed=1
+    )
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2, 6, 6, 8)).astype("float32")
+    x = rng.normal(size=(2, 6, 6, 8)).astype("float32")
+    block([z], [x])  # builds it
+
+    conv1, gn1, _, conv2, gn2, gn3 = block.branches[0]
+    assert (gn3 is None) == (not branch_norm)
+    norms = [gn1, gn2, gn3, block.post_norms[0]]
+    reference_norms = []
+    for norm, width in zip(norms, (16, 8, 8, 8), strict=True):
+        if norm is None:
+            reference_norms.append(None)
+            continue
+        reference = keras.layers.GroupNormalization(4, epsilon=1e-5)
+        reference.build((None, 6, 6, width))
+        # Scales and offsets other than 1 and 0, so that each one counts.
+        gamma = rng.uniform(0.5, 1.5, width).astype("float32")
+        beta = rng.normal(scale=0.1, size=width).astype("float32")
+        for layer in (norm, reference):
+            layer.gamma.assign(gamma)
+            layer.beta.assign(beta)
+        reference_norms.append(reference)
+    out = to_numpy(block([z], [x])[0])
+    ref1, ref2, ref3, ref_post = reference_norms
+
+    def conv(inputs, layer):
+        return keras.ops.conv(inputs, layer.kernel, padding="same")
+
+    h = keras.ops.relu(ref1(conv(z, conv1)))
+    h = ref2(conv(h, conv2) + x)
+    y = keras.ops.relu(z + h)
+    if ref3 is not None:
+        y = ref3(y)
+    expected = to_numpy(ref_post(keras.ops.relu(y)))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+    again = MDEQBlock.from_config(block.get_config())
+    assert again.branch_norm is branch_norm
+
+
+def test_branch_norm_must_be_a_bool():
+    with pytest.raises(TypeError, match="branch_norm.*Received: branch_norm=1"):
+        MDEQBlock((8,), branch_norm=1)
 
 
 def stripes(n, seed):
