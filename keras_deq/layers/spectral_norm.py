@@ -52,7 +52,10 @@ def apply_spectral_norm(
     and of the layers inside it (Dense, the convolutions, EinsumDense, ...)
     gets a `SpectralNormBound(max_norm)` constraint, which the optimizer
     applies after every update, and is projected once now. The layers'
-    `kernel_constraint` is set too, so a saved model keeps the bound.
+    `kernel_constraint` is set too, so a saved model keeps the bound where
+    the layers come from their configs; a block that makes its layers
+    in `build` makes them anew on loading, so it takes the bound as an
+    argument instead (`MDEQBlock(spectral_norm=...)`).
     Kernels that are computed rather than stored (inside
     `keras_deq.layers.WeightNormalization`) are left alone.
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import keras
 
 from keras_deq.layers.group_norm import GroupNorm
+from keras_deq.layers.spectral_norm import SpectralNormBound
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
 from keras_deq.utils import validation
@@ -26,6 +27,15 @@ def _check_widths(widths, num_groups):
             f"(GroupNormalization). Received: widths={widths}"
         )
     return widths
+
+
+class _BoundedConv2D(keras.layers.Conv2D):
+    """Conv2D whose kernel starts inside its constraint (if it has one)."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.kernel_constraint is not None:
+            self.kernel.assign(self.kernel_constraint(self.kernel))
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -96,11 +106,23 @@ class MDEQBlock(keras.layers.Layer):
         weight_norm: bool = True,
         init_stddev: float = 0.05,
         branch_norm: bool = True,
+        spectral_norm: float | None = None,
         seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.branch_norm = validation.check_bool("branch_norm", branch_norm)
+        if spectral_norm is not None:
+            spectral_norm = validation.check_positive(
+                "spectral_norm", spectral_norm
+            )
+            if weight_norm:
+                raise ValueError(
+                    "`spectral_norm` bounds stored kernels and needs "
+                    "`weight_norm=False`. Received: "
+                    f"spectral_norm={spectral_norm}, weight_norm={weight_norm}"
+                )
+        self.spectral_norm = spectral_norm
         self.num_groups = validation.check_int("num_groups", num_groups, 1)
         self.widths = _check_widths(widths, num_groups)
         self.expansion = validation.check_int("expansion", expansion, 1)
@@ -120,13 +142,19 @@ class MDEQBlock(keras.layers.Layer):
         )
 
     def _conv(self, filters, kernel_size, strides=1, name=None):
-        conv = keras.layers.Conv2D(
+        bound = (
+            None
+            if self.spectral_norm is None
+            else SpectralNormBound(self.spectral_norm)
+        )
+        conv = _BoundedConv2D(
             filters,
             kernel_size,
             strides=strides,
             padding="same",
             use_bias=False,
             kernel_initializer=self._initializer(),
+            kernel_constraint=bound,
             dtype=self.dtype_policy,
             name=name,
         )
@@ -259,5 +287,6 @@ class MDEQBlock(keras.layers.Layer):
             "weight_norm": self.weight_norm,
             "init_stddev": self.init_stddev,
             "branch_norm": self.branch_norm,
+            "spectral_norm": self.spectral_norm,
             "seed": self.seed,
         }

@@ -68,6 +68,9 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             Defaults to 0.05.
         branch_norm: the `MDEQBlock`'s GroupNorm after each branch's
             residual sum (the paper's). Defaults to `True`.
+        spectral_norm: `None`, or the bound on the spectral norm of the
+            block's conv kernels (needs `weight_norm=False`). Defaults to
+            `None`.
         seed: int seed of initialisers, dropout and the `DEQLayer`'s
             random draws. Defaults to `None`.
         deq_name: name of the model's `DEQLayer`, which prefixes its
@@ -134,6 +137,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         weight_norm: bool = True,
         init_stddev: float = 0.05,
         branch_norm: bool = True,
+        spectral_norm: float | None = None,
         seed: int | None = None,
         deq_name: str | None = None,
         **kwargs,
@@ -197,6 +201,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
             weight_norm=weight_norm,
             init_stddev=init_stddev,
             branch_norm=branch_norm,
+            spectral_norm=spectral_norm,
             seed=seed,
             dtype=dtype,
             name="mdeq_block",
@@ -228,6 +233,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
         self.weight_norm = weight_norm
         self.init_stddev = init_stddev
         self.branch_norm = branch_norm
+        self.spectral_norm = spectral_norm
         self.seed = seed
 
     def get_config(self):
@@ -244,6 +250,7 @@ class MDEQClassifier(_deq_options.ConfigMixin, keras.Model):
                 "weight_norm": self.weight_norm,
                 "init_stddev": self.init_stddev,
                 "branch_norm": self.branch_norm,
+                "spectral_norm": self.spectral_norm,
                 "seed": self.seed,
             }
         )

@@ -94,6 +94,83 @@ def test_branch_norm_must_be_a_bool():
         MDEQBlock((8,), branch_norm=1)
 
 
+def block_kernel_norms(model):
+    """The largest singular value of each block kernel, by numpy's SVD."""
+    return [
+        np.linalg.norm(to_numpy(w).reshape(-1, w.shape[-1]), 2)
+        for w in model.deq.block.weights
+        if w.path.endswith("kernel")
+    ]
+
+
+def test_spectral_norm_bounds_every_block_kernel_through_training_and_saving(
+    tmp_path,
+):
+    """Bounded at build and after every update (a step of SGD at rate 10
+    takes them far past it: without the bound the same step does leave
+    it). A reloaded model's kernels keep the constraint."""
+    kwargs = dict(SMALL, weight_norm=False, branch_norm=False)
+    x = images(8)
+    y = np.arange(8) % 3
+
+    def trained(model):
+        model.compile(
+            optimizer=keras.optimizers.SGD(10.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        return model
+
+    free = trained(MDEQClassifier(3, **kwargs))
+    assert max(block_kernel_norms(free)) > 1.5
+    model = MDEQClassifier(3, spectral_norm=0.5, **kwargs)
+    norms = block_kernel_norms(model)
+    assert len(norms) == 2 * 2 + 1 + 1 and max(norms) <= 0.5 + 1e-5
+    trained(model)
+    norms = np.array(block_kernel_norms(model))
+    # The bound binds on every kernel the step moved: all but the fusion
+    # path whose GroupNorm starts at scale 0 and so passes no gradient.
+    assert np.all(norms <= 0.5 + 1e-4) and np.sum(norms > 0.5 - 1e-4) >= 5
+
+    path = tmp_path / "bounded.keras"
+    model.save(path)
+    again = keras.saving.load_model(path)
+    assert again.spectral_norm == 0.5
+    np.testing.assert_allclose(
+        to_numpy(again.predict(x, verbose=0)),
+        to_numpy(model.predict(x, verbose=0)),
+        atol=1e-5,
+    )
+    constraints = [
+        w.constraint
+        for w in again.deq.block.weights
+        if w.path.endswith("kernel")
+    ]
+    assert len(constraints) == 6
+    assert all(c is not None and c.max_norm == 0.5 for c in constraints)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(spectral_norm=1.0), ValueError, "needs `weight_norm=False`"),
+        (
+            dict(spectral_norm=0.0, weight_norm=False),
+            ValueError,
+            "spectral_norm.*> 0",
+        ),
+        (
+            dict(spectral_norm="1", weight_norm=False),
+            TypeError,
+            "spectral_norm",
+        ),
+    ],
+)
+def test_bad_spectral_norm(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        MDEQBlock((8,), **kwargs)
+
+
 def stripes(n, seed):
     """Noisy images of stripes, class 1 along rows, class 0 along columns
     (period 4, random phase, amplitude 1 in N(0, 1) noise)."""
