@@ -42,59 +42,62 @@ class _BoundedConv2D(keras.layers.Conv2D):
 class MDEQBlock(keras.layers.Layer):
     """f_θ of an MDEQ: residual blocks per resolution, then multiscale fusion.
 
-        The state z and the injection x are lists with one `[B, H_i, W_i, C_i]`
-        tensor per resolution (each half the height and width of the previous).
-        Branch i computes, as the original MDEQ's residual block does,
+    The state z and the injection x are lists with one `[B, H_i, W_i, C_i]`
+    tensor per resolution (each half the height and width of the previous).
+    Branch i computes, as the original MDEQ's residual block does,
 
-            h_i = GN₂(conv₂(drop(ReLU(GN₁(conv₁(z_i))))) + x_i)
-            y_i = GN₃(ReLU(z_i + h_i))
+        h_i = GN₂(conv₂(drop(ReLU(GN₁(conv₁(z_i))))) + x_i)
+        y_i = GN₃(ReLU(z_i + h_i))
 
-    (with `branch_norm=False`, y_i = ReLU(z_i + h_i): the fusion's GroupNorm
-    is then the only one on the state's residual path)
+    (conv₁ widens to `expansion` · C_i, conv₂ narrows back; with
+    `branch_norm=False`, y_i = ReLU(z_i + h_i)), and the fusion returns
+    out_i = GN(ReLU(y_i + Σ_{j≠i} T_ij(y_j))), where T_ij for a finer j is a
+    chain of strided 3×3 convolutions, each followed by GroupNorm, and for a
+    coarser j a 1×1 convolution and GroupNorm followed by nearest-neighbour
+    upsampling. All convolutions are weight-normalised (when
+    `weight_norm`), have no bias, and start from N(0, `init_stddev`²)
+    weights (Appendix A.4 of Bai et al., 2021). `drop` is a
+    `VariationalDropout`, fixed for a whole solve.
 
-        (conv₁ widens to `expansion` · C_i, conv₂ narrows back), and the fusion
-        returns out_i = GN(ReLU(y_i + Σ_{j≠i} T_ij(y_j))), where T_ij for a
-        finer j is a chain of strided 3×3 convolutions, each followed by
-        GroupNorm, and for a coarser j a 1×1 convolution and GroupNorm followed
-        by nearest-neighbour upsampling. All convolutions are weight-normalised
-        (when `weight_norm`), have no bias, and start from N(0, `init_stddev`²)
-        weights (Appendix A.4 of Bai et al., 2021). `drop` is a
-        `VariationalDropout`, fixed for a whole solve.
+    Stability at initialisation: with the injection added before GN₂ and
+    small conv weights, h_i is nearly GN₂(x_i), independent of z; and the
+    last GroupNorm of each fusion path starts with scale γ = 0, so the
+    fusion starts as the identity and learns its cross-resolution terms.
+    Together these make f_θ a contraction at the paper's initialisation,
+    N(0, 0.01²) (power-method ρ(J) below 1 on random images, above 1
+    with the injection after GN₂ and unit-scale fusion), so the first
+    solves converge. At the default N(0, 0.05²) ρ(J) starts near 1:
+    `MDEQClassifier`'s defaults train it into a contraction (the Jacobian
+    penalty and the fixed-point correction).
 
-        Stability at initialisation: with the injection added before GN₂ and
-        small conv weights, h_i is nearly GN₂(x_i), independent of z; and the
-        last GroupNorm of each fusion path starts with scale γ = 0, so the
-        fusion starts as the identity and learns its cross-resolution terms.
-        Together these make f_θ a contraction at the paper's initialisation,
-        N(0, 0.01²) (power-method ρ(J) below 1 on random images, above 1
-        with the injection after GN₂ and unit-scale fusion), so the first
-        solves converge. At the default N(0, 0.05²) ρ(J) starts near 1:
-        `MDEQClassifier`'s defaults train it into a contraction (the Jacobian
-        penalty and the fixed-point correction).
+    Args:
+        widths: channels per resolution, finest first.
+        expansion: width factor inside the residual blocks. Defaults to 2
+            (the paper's is 5; see `MDEQClassifier`).
+        num_groups: GroupNormalization groups. Defaults to 4.
+        dropout: variational dropout rate. Defaults to 0 (the paper's is
+            0.25).
+        weight_norm: wrap every convolution in `WeightNormalization`.
+            Defaults to `True`.
+        init_stddev: standard deviation of the initial conv weights.
+            Defaults to 0.05 (the paper's is 0.01).
+        branch_norm: normalize each branch's output (GN₃), as the paper
+            does. `False` drops GN₃, so that each resolution's state is
+            normalized once, after the fusion. Defaults to `True`.
+        spectral_norm: `None`, or a bound > 0 on the spectral norm of
+            every convolution's kernel (`keras_deq.layers.SpectralNormBound`
+            as the kernels' constraint, applied at build and after every
+            optimizer update). Needs `weight_norm=False`, whose kernels are
+            computed rather than stored. Defaults to `None`.
+        seed: int seed of the initialisers and dropout. Defaults to `None`.
 
-        Args:
-            widths: channels per resolution, finest first.
-            expansion: width factor inside the residual blocks. Defaults to 2
-                (the paper's is 5; see `MDEQClassifier`).
-            num_groups: GroupNormalization groups. Defaults to 4.
-            dropout: variational dropout rate. Defaults to 0 (the paper's is
-                0.25).
-            weight_norm: wrap every convolution in `WeightNormalization`.
-                Defaults to `True`.
-            init_stddev: standard deviation of the initial conv weights.
-                Defaults to 0.05 (the paper's is 0.01).
-            branch_norm: normalize each branch's output (GN₃), as the paper
-                does. `False` drops GN₃, so that each resolution's state is
-                normalized once, after the fusion. Defaults to `True`.
-            seed: int seed of the initialisers and dropout. Defaults to `None`.
+    Examples:
 
-        Examples:
-
-            ```python
-            block = keras_deq.models.MDEQBlock(widths=(16, 32, 64, 128))
-            deq = keras_deq.DEQLayer(block, max_iter=7)
-            z_star = deq(injections)  # a list of 4 resolutions, finest first
-            ```
+        ```python
+        block = keras_deq.models.MDEQBlock(widths=(16, 32, 64, 128))
+        deq = keras_deq.DEQLayer(block, max_iter=7)
+        z_star = deq(injections)  # a list of 4 resolutions, finest first
+        ```
     """
 
     def __init__(
