@@ -30,7 +30,9 @@ start, and the fraction within 1e-2. Levers (model arguments; all but
   `defaults_spectral_12`: the same with 12 forward iterations;
   `defaults_gamma4`: with the penalty at γ 4;
   `defaults_unrolled_implicit`: the implicit gradient after 44 unrolled
-  steps);
+  steps; `defaults_spectral05`: the spectral bound at 0.5;
+  `defaults_fusion_norm`: without the block's branch GroupNorm, and
+  `defaults_fusion_norm_spectral`: that with the spectral bound);
 - `previous`: the defaults before 2026-12-06 (one phantom step, λ 1;
   `previous_12`, `previous_20`: with 12 or 20 forward iterations,
   `previous_correction3`: with λ 3; `correction3_nopenalty`,

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import keras
 
 from keras_deq.layers.group_norm import GroupNorm
-from keras_deq.layers.spectral_norm import SpectralNormBound
+from keras_deq.layers.spectral_norm import apply_spectral_norm
 from keras_deq.layers.variational_dropout import VariationalDropout
 from keras_deq.layers.weight_normalization import WeightNormalization
 from keras_deq.utils import validation
@@ -27,15 +27,6 @@ def _check_widths(widths, num_groups):
             f"(GroupNormalization). Received: widths={widths}"
         )
     return widths
-
-
-class _BoundedConv2D(keras.layers.Conv2D):
-    """Conv2D whose kernel starts inside its constraint (if it has one)."""
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        if self.kernel_constraint is not None:
-            self.kernel.assign(self.kernel_constraint(self.kernel))
 
 
 @keras.saving.register_keras_serializable(package="keras_deq")
@@ -145,19 +136,13 @@ class MDEQBlock(keras.layers.Layer):
         )
 
     def _conv(self, filters, kernel_size, strides=1, name=None):
-        bound = (
-            None
-            if self.spectral_norm is None
-            else SpectralNormBound(self.spectral_norm)
-        )
-        conv = _BoundedConv2D(
+        conv = keras.layers.Conv2D(
             filters,
             kernel_size,
             strides=strides,
             padding="same",
             use_bias=False,
             kernel_initializer=self._initializer(),
-            kernel_constraint=bound,
             dtype=self.dtype_policy,
             name=name,
         )
@@ -226,6 +211,9 @@ class MDEQBlock(keras.layers.Layer):
         for norm, shape in zip(self.post_norms, z_shape, strict=True):
             norm.build(shape)
         self.built = True
+        if self.spectral_norm is not None:
+            # Made anew at every build, so a loaded block keeps the bound.
+            apply_spectral_norm(self, self.spectral_norm)
 
     def _fuse_path(self, i, j, shape_j):
         """T_ij: from resolution j to resolution i, as a list of layers."""
